@@ -1,0 +1,399 @@
+"""What the program sees of CUDA: ``torch.cuda.*``, ``torch.accelerator.*``, factories.
+
+``activate()`` replaces the CUDA-facing functions of a CPU-only (or any) PyTorch with ones
+that answer for the granted vGPUs, and installs a torch-function mode that sends
+``device="cuda"`` tensor creation to the pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from orion_vgpu.client import frontend
+from orion_vgpu.client.frontend import FactoryMode, RemoteTensor
+from orion_vgpu.client.runtime import get_runtime
+
+_active = False
+
+
+def _cuda_index(d: Any) -> int | None:
+    """The vGPU index a device spec names, or None if it is not a CUDA device."""
+    if isinstance(d, torch.device):
+        if d.type != "cuda":
+            return None
+        return current_device() if d.index is None else d.index
+    if isinstance(d, str):
+        if not d.startswith("cuda"):
+            return None
+        return _cuda_index(torch.device(d))
+    if isinstance(d, int) and not isinstance(d, bool):
+        return d
+    return None
+
+
+class VGPUMode(TorchFunctionMode):
+    """Routes device='cuda' creation to the pool; everything else passes straight through."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        special = _TF_SPECIAL.get(func)
+        if special is not None:
+            return special(func, args, kwargs)
+        dev = kwargs.get("device")
+        if dev is not None:
+            idx = _cuda_index(dev)
+            if idx is not None:
+                return _create(func, args, kwargs, idx)
+        return func(*args, **kwargs)
+
+
+def _create(func: Any, args: tuple, kwargs: dict, idx: int) -> Any:
+    kwargs = dict(kwargs)
+    kwargs["device"] = frontend.META
+    if kwargs.get("pin_memory"):
+        kwargs["pin_memory"] = False
+    with FactoryMode(idx):
+        return func(*args, **kwargs)
+
+
+def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
+    self = args[0]
+    device, dtype, non_blocking, memfmt = torch._C._nn._parse_to(*args[1:], **kwargs)
+    idx = _cuda_index(device) if device is not None else None
+    if idx is None:
+        return func(*args, **kwargs)
+    if isinstance(self, RemoteTensor) and self._dev == idx:
+        return self if dtype in (None, self.dtype) else self.to(dtype)
+    new_kwargs: dict[str, Any] = {"device": frontend.META}
+    if dtype is not None:
+        new_kwargs["dtype"] = dtype
+    if memfmt is not None:
+        new_kwargs["memory_format"] = memfmt
+    with FactoryMode(idx):
+        return torch.Tensor.to(self, **new_kwargs)
+
+
+def _tensor_cuda(func: Any, args: tuple, kwargs: dict) -> Any:
+    self = args[0]
+    device = args[1] if len(args) > 1 else kwargs.get("device")
+    idx = current_device() if device is None else _cuda_index(device)
+    return _tensor_to(torch.Tensor.to, (self, torch.device("cuda", idx)), {})
+
+
+def _tensor_pin_memory(func: Any, args: tuple, kwargs: dict) -> Any:
+    # Host memory needs no pinning to reach a vGPU; keep the program's data path unchanged.
+    return args[0]
+
+
+def _tensor_is_pinned(func: Any, args: tuple, kwargs: dict) -> Any:
+    return False
+
+
+_TF_SPECIAL: dict[Any, Any] = {
+    torch.Tensor.to: _tensor_to,
+    torch.Tensor.cuda: _tensor_cuda,
+    torch.Tensor.pin_memory: _tensor_pin_memory,
+    torch.Tensor.is_pinned: _tensor_is_pinned,
+}
+
+
+# --------------------------------------------------------------------------- torch.cuda
+_current = 0
+
+
+def is_available() -> bool:
+    return True
+
+
+def device_count() -> int:
+    return get_runtime().device_count
+
+
+def current_device() -> int:
+    return _current
+
+
+def set_device(device: Any) -> None:
+    global _current
+    idx = _cuda_index(device)
+    if idx is not None and idx >= 0:
+        _check_index(idx)
+        _current = idx
+
+
+def _check_index(idx: int) -> None:
+    if not 0 <= idx < device_count():
+        raise RuntimeError(f"CUDA error: invalid device ordinal (cuda:{idx}; ORION_VGPU="
+                           f"{device_count()})")
+
+
+def _exchange_device(idx: int) -> int:
+    global _current
+    prev = _current
+    if idx >= 0:
+        _check_index(idx)
+        _current = idx
+    return prev
+
+
+def _props(device: Any = None) -> dict:
+    idx = current_device() if device is None else _cuda_index(device)
+    if idx is None:
+        raise ValueError(f"Expected a cuda device, but got: {device}")
+    _check_index(idx)
+    return get_runtime().conn(idx).welcome["device"]
+
+
+class VGPUProperties:
+    """Mirrors torch.cuda's device properties for a vGPU."""
+
+    def __init__(self, d: dict) -> None:
+        self.name = d["name"]
+        self.total_memory = int(d["total_memory"])
+        self.major = int(d.get("major", 8))
+        self.minor = int(d.get("minor", 0))
+        self.multi_processor_count = int(d.get("multi_processor_count", 1))
+        self.uuid = d.get("uuid", "")
+        self.is_integrated = False
+        self.is_multi_gpu_board = False
+        self.L2_cache_size = 0
+        self.warp_size = 32
+        self.gcnArchName = ""
+
+    def __repr__(self) -> str:
+        return (f"_CudaDeviceProperties(name='{self.name}', major={self.major}, "
+                f"minor={self.minor}, total_memory={self.total_memory >> 20}MB, "
+                f"multi_processor_count={self.multi_processor_count}, uuid={self.uuid})")
+
+
+def get_device_properties(device: Any = None) -> VGPUProperties:
+    return VGPUProperties(_props(device))
+
+
+def get_device_name(device: Any = None) -> str:
+    return str(_props(device)["name"])
+
+
+def get_device_capability(device: Any = None) -> tuple[int, int]:
+    d = _props(device)
+    return int(d.get("major", 8)), int(d.get("minor", 0))
+
+
+def synchronize(device: Any = None) -> None:
+    idx = None if device is None else _cuda_index(device)
+    get_runtime().synchronize(idx)
+
+
+def _stats(device: Any = None) -> dict:
+    idx = current_device() if device is None else _cuda_index(device)
+    rt = get_runtime()
+    if not rt.started:
+        return {"allocated": 0, "peak": 0, "limit": 0}
+    return rt.conn(idx or 0).stats()
+
+
+def memory_allocated(device: Any = None) -> int:
+    return int(_stats(device)["allocated"])
+
+
+def max_memory_allocated(device: Any = None) -> int:
+    return int(_stats(device)["peak"])
+
+
+memory_reserved = memory_allocated
+max_memory_reserved = max_memory_allocated
+
+
+def mem_get_info(device: Any = None) -> tuple[int, int]:
+    total = int(_props(device)["total_memory"])
+    return total - memory_allocated(device), total
+
+
+def memory_stats(device: Any = None) -> dict[str, int]:
+    s = _stats(device)
+    return {"allocated_bytes.all.current": int(s["allocated"]),
+            "allocated_bytes.all.peak": int(s["peak"]),
+            "reserved_bytes.all.current": int(s["allocated"]),
+            "reserved_bytes.all.peak": int(s["peak"]),
+            "num_ops": int(s.get("ops", 0))}
+
+
+def empty_cache() -> None:
+    frontend._drain_frees()
+
+
+def reset_peak_memory_stats(device: Any = None) -> None:
+    """Peaks are kept by the server per session; a reset is recorded as a no-op."""
+
+
+def manual_seed(seed: int) -> None:
+    get_runtime().seed(current_device(), int(seed))
+
+
+def manual_seed_all(seed: int) -> None:
+    rt = get_runtime()
+    for i in range(rt.device_count):
+        rt.seed(i, int(seed))
+
+
+def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    idx = _cuda_index(device) or 0
+    return get_runtime().conn(idx).rng_state()
+
+
+def set_rng_state(state: torch.Tensor, device: Any = "cuda") -> None:
+    idx = _cuda_index(device) or 0
+    get_runtime().conn(idx).set_rng_state(state)
+
+
+def get_rng_state_all() -> list[torch.Tensor]:
+    return [get_rng_state(i) for i in range(device_count())]
+
+
+def set_rng_state_all(states: list[torch.Tensor]) -> None:
+    for i, s in enumerate(states):
+        set_rng_state(s, i)
+
+
+class Stream:
+    """Streams order work on a real GPU; a vGPU session is already in order."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **kwargs: Any) -> None:
+        self.device = torch.device("cuda", current_device() if device is None
+                                   else _cuda_index(device) or 0)
+        self.priority = priority
+
+    def synchronize(self) -> None:
+        synchronize(self.device)
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> Event:
+        event = event or Event()
+        event.record(self)
+        return event
+
+    def query(self) -> bool:
+        return True
+
+    def is_capturing(self) -> bool:
+        return False
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Stream) and other.device == self.device
+
+    def __hash__(self) -> int:
+        return hash(self.device)
+
+
+class Event:
+    def __init__(self, enable_timing: bool = False, blocking: bool = False,
+                 interprocess: bool = False) -> None:
+        self._t: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        import time
+        synchronize()
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        synchronize()
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: Event) -> float:
+        if self._t is None or end._t is None:
+            raise RuntimeError("Both events must be recorded before calculating elapsed time.")
+        return (end._t - self._t) * 1000.0
+
+
+_streams: dict[int, Stream] = {}
+
+
+def current_stream(device: Any = None) -> Stream:
+    idx = current_device() if device is None else (_cuda_index(device) or 0)
+    return _streams.setdefault(idx, Stream(idx))
+
+
+default_stream = current_stream
+
+
+@contextlib.contextmanager
+def stream(s: Any) -> Any:
+    yield s
+
+
+def is_bf16_supported(including_emulation: bool = True) -> bool:
+    return True
+
+
+# --------------------------------------------------------------------------- activation
+_CUDA_FUNCS = {
+    "is_available": is_available, "device_count": device_count,
+    "current_device": current_device, "set_device": set_device,
+    "_exchange_device": _exchange_device, "_maybe_exchange_device": _exchange_device,
+    "get_device_properties": get_device_properties, "get_device_name": get_device_name,
+    "get_device_capability": get_device_capability, "synchronize": synchronize,
+    "memory_allocated": memory_allocated, "max_memory_allocated": max_memory_allocated,
+    "memory_reserved": memory_reserved, "max_memory_reserved": max_memory_reserved,
+    "mem_get_info": mem_get_info, "memory_stats": memory_stats, "empty_cache": empty_cache,
+    "reset_peak_memory_stats": reset_peak_memory_stats, "manual_seed": manual_seed,
+    "manual_seed_all": manual_seed_all, "get_rng_state": get_rng_state,
+    "set_rng_state": set_rng_state, "get_rng_state_all": get_rng_state_all,
+    "set_rng_state_all": set_rng_state_all, "Stream": Stream, "Event": Event,
+    "current_stream": current_stream, "default_stream": default_stream, "stream": stream,
+    "is_bf16_supported": is_bf16_supported, "is_initialized": lambda: True,
+    "init": lambda: None, "_lazy_init": lambda: None,
+    "is_current_stream_capturing": lambda: False,
+}
+
+
+def activate() -> None:
+    """Make this process's torch talk to the pool (idempotent)."""
+    global _active
+    if _active:
+        return
+    _active = True
+    import torch.cuda
+    import torch.cuda.memory
+    import torch.cuda.random
+
+    for name, fn in _CUDA_FUNCS.items():
+        setattr(torch.cuda, name, fn)
+        for mod in (torch.cuda.memory, torch.cuda.random):
+            if hasattr(mod, name):
+                setattr(mod, name, fn)
+    _patch_accelerator()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    from orion_vgpu.client import checkpoint
+    checkpoint.install()
+    from orion_vgpu.client.errors import install_excepthook
+    install_excepthook()
+    VGPUMode().__enter__()  # stays on for the life of the process
+
+
+def _patch_accelerator() -> None:
+    acc = getattr(torch, "accelerator", None)
+    if acc is None:
+        return
+    funcs = {"is_available": is_available, "device_count": device_count,
+             "current_accelerator": lambda check_available=False: torch.device("cuda"),
+             "current_device_index": current_device, "current_device_idx": current_device,
+             "set_device_index": set_device, "set_device_idx": set_device,
+             "synchronize": synchronize, "current_stream": current_stream}
+    for name, fn in funcs.items():
+        if hasattr(acc, name):
+            setattr(acc, name, fn)

@@ -1,0 +1,489 @@
+"""The PyTorch frontend: tensors that live on a vGPU, and the dispatch of ATen ops to it.
+
+A ``RemoteTensor`` is a wrapper subclass with no storage. Its C++ device is ``meta`` (a
+device with a guard, so autograd works on a CPU-only build of PyTorch) while Python sees
+``cuda:N``. Every ATen op on it lands in ``dispatch``: output metadata comes from meta
+kernels behind a cache, handles are assigned here, and the op is queued for the server
+without waiting for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from orion_vgpu.client.runtime import get_runtime
+from orion_vgpu.protocol import codec
+from orion_vgpu.protocol import messages as m
+
+aten = torch.ops.aten
+META = torch.device("meta")
+_next_handle = itertools.count(1).__next__
+_op_ids: dict[Any, int] = {}
+_op_names: dict[int, str] = {}
+_meta_cache: dict[tuple, Any] = {}
+# Ops whose output shape depends on float argument values (so their values key the cache).
+_VALUE_KEYED = frozenset({aten.arange.default, aten.arange.start, aten.arange.start_step,
+                          aten.range.default, aten.linspace.default, aten.logspace.default})
+_SYNC = "sync"  # cache marker: this op (for these inputs) runs synchronously on the server
+
+
+class RemoteTensor(torch.Tensor):
+    """A tensor on a vGPU. No local storage; ``_h`` names it in the server session."""
+
+    _h: int
+    _dev: int
+    _ext: Any
+    _key: tuple
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property  # type: ignore[override]
+    def device(self) -> torch.device:
+        return torch.device("cuda", self._dev)
+
+    @property  # type: ignore[override]
+    def is_cuda(self) -> bool:
+        return True
+
+    @property  # type: ignore[override]
+    def is_meta(self) -> bool:
+        return False
+
+    @property  # type: ignore[override]
+    def is_cpu(self) -> bool:
+        return False
+
+    def get_device(self) -> int:  # type: ignore[override]
+        return self._dev
+
+    def __del__(self) -> None:
+        try:
+            _free(self._dev, self._h)
+        except Exception:  # interpreter shutdown: the session is gone with the process
+            pass
+
+    def numpy(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        raise TypeError(f"can't convert cuda:{self._dev} device type tensor to numpy. Use "
+                        "Tensor.cpu() to copy the tensor to host memory first.")
+
+    def tolist(self) -> Any:  # type: ignore[override]
+        return self.cpu().tolist()
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        return _repr(self)
+
+    def __reduce_ex__(self, proto: Any) -> Any:
+        host = self.detach().cpu()
+        _saved_cuda[host.untyped_storage()._cdata] = self._dev
+        if self.requires_grad:
+            host.requires_grad_(True)
+        return host.__reduce_ex__(proto)
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        return dispatch(func, args, kwargs or {}, None)
+
+
+_saved_cuda: dict[int, int] = {}
+_make = torch.Tensor._make_wrapper_subclass
+
+
+def wrap(size: Any, stride: Any, offset: int, dtype: torch.dtype, dev: int,
+         handle: int) -> RemoteTensor:
+    t = _make(RemoteTensor, size, stride, offset, dtype=dtype, device=META)
+    t._h = handle
+    t._dev = dev
+    t._ext = codec.handle_ext(handle)
+    t._key = (tuple(size), tuple(stride), offset, dtype)
+    return t
+
+
+_pending_free: list[tuple[int, int]] = []
+
+
+def _free(dev: int, handle: int) -> None:
+    # Called from __del__ at any time (even inside our own send path): only append.
+    _pending_free.append((dev, handle))
+
+
+def _drain_frees() -> None:
+    if not _pending_free:
+        return
+    rt = get_runtime()
+    while _pending_free:
+        dev, h = _pending_free.pop()
+        if dev < len(rt.conns):
+            rt.conns[dev].frees.append(h)
+
+
+# --------------------------------------------------------------------------- encoding
+class _Walk:
+    """One pass over an op's arguments: encode for the wire, key the meta cache."""
+
+    __slots__ = ("dev", "inputs", "temps", "host_target", "value_keyed")
+
+    def __init__(self, dev: int | None, value_keyed: bool) -> None:
+        self.dev = dev
+        self.inputs: list[torch.Tensor] = []
+        self.temps: list[RemoteTensor] = []
+        self.host_target = False
+        self.value_keyed = value_keyed
+
+    def enc(self, a: Any) -> tuple[Any, Any]:
+        if isinstance(a, RemoteTensor):
+            d = a._dev
+            if self.dev is None:
+                self.dev = d
+            elif self.dev != d:
+                raise RuntimeError("Expected all tensors to be on the same device, but found at "
+                                   f"least two devices, cuda:{self.dev} and cuda:{d}!")
+            self.inputs.append(a)
+            return a._ext, a._key
+        if isinstance(a, torch.Tensor):
+            return self._host_tensor(a)
+        if isinstance(a, (list, tuple)):
+            encs = []
+            keys = []
+            for x in a:
+                e, k = self.enc(x)
+                encs.append(e)
+                keys.append(k)
+            return encs, tuple(keys)
+        if isinstance(a, float) and not self.value_keyed:
+            return a, float
+        if isinstance(a, torch.device):
+            if a.type == "cpu":
+                self.host_target = True
+                return codec.DEVICE_HOST, "cpu"
+            return codec.DEVICE_REMOTE, "remote"
+        if isinstance(a, (torch.SymInt, torch.SymFloat)):
+            raise NotImplementedError("symbolic shapes are not supported on a vGPU")
+        if isinstance(a, torch.Generator):
+            raise NotImplementedError("explicit torch.Generator objects are not supported on a "
+                                      "vGPU yet; use torch.manual_seed")
+        return a, a
+
+    def _host_tensor(self, a: torch.Tensor) -> tuple[Any, Any]:
+        if a.device.type == "cpu" and a.dim() == 0:
+            return self._temp_upload(a)
+        if a.device.type == "meta":
+            raise RuntimeError("cannot mix meta tensors with vGPU tensors")
+        raise RuntimeError("Expected all tensors to be on the same device, but found at least "
+                           f"two devices, cuda:{self.dev or 0} and cpu!")
+
+    def _temp_upload(self, a: torch.Tensor) -> tuple[Any, Any]:
+        # PyTorch lets 0-dim CPU tensors mix with CUDA ones; ship the value along.
+        dev = 0 if self.dev is None else self.dev
+        t = upload(a, dev)
+        self.temps.append(t)
+        self.inputs.append(t)
+        return t._ext, ("cpu0", a.dtype)
+
+    def enc_kwargs(self, kwargs: dict) -> tuple[dict, tuple]:
+        if not kwargs:
+            return kwargs, ()
+        encs = {}
+        keys = []
+        for k, v in kwargs.items():
+            e, key = self.enc(v)
+            encs[k] = e
+            keys.append((k, key))
+        return encs, tuple(keys)
+
+
+def op_id(func: Any) -> int:
+    oid = _op_ids.get(func)
+    if oid is None:
+        oid = len(_op_ids) + 1
+        _op_ids[func] = oid
+        _op_names[oid] = f"{func.namespace}::{func._schema.name.split('::', 1)[1]}" + (
+            f".{func._overloadname}" if func._overloadname != "default" else "")
+    return oid
+
+
+# --------------------------------------------------------------------------- meta
+class _OutSpec:
+    """How to build an op's outputs from its inputs, computed once per cache key."""
+
+    __slots__ = ("kind", "items", "n_new")
+
+    def __init__(self, kind: str, items: list, n_new: int) -> None:
+        self.kind = kind      # "tensor", "tuple", "list", "none"
+        self.items = items    # per item: ("new", size, stride, offset, dtype) | ("alias", i)
+        self.n_new = n_new    # | ("none",) | ("list", [items]) | ("value", v)
+
+
+def _to_meta(a: Any) -> Any:
+    if isinstance(a, RemoteTensor):
+        return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=META)
+    if isinstance(a, torch.device) and a.type != "cpu":
+        return META
+    if isinstance(a, (list, tuple)):
+        return type(a)(_to_meta(x) for x in a)
+    return a
+
+
+def _meta_spec(func: Any, args: tuple, kwargs: dict, temps: list) -> Any:
+    margs = tuple(_to_meta(a) for a in args)
+    mkw = {k: _to_meta(v) for k, v in kwargs.items()}
+    # 0-dim host tensors were uploaded; give the meta kernel their meta stand-ins.
+    margs, mkw = _replace_host_scalars(margs, mkw)
+    minputs = _collect_tensors(margs) + _collect_tensors(list(mkw.values()))
+    try:
+        with torch._C._DisableTorchDispatch():
+            out = func(*margs, **mkw)
+    except (torch._subclasses.fake_tensor.DynamicOutputShapeException, NotImplementedError):
+        return _SYNC
+    except RuntimeError as exc:
+        msg = str(exc)
+        if "meta" in msg and ("not implemented" in msg.lower() or "cannot" in msg.lower()
+                              or "data-dependent" in msg):
+            return _SYNC
+        raise
+    return _spec_of(out, minputs)
+
+
+def _replace_host_scalars(margs: tuple, mkw: dict) -> tuple[tuple, dict]:
+    def conv(a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() == 0:
+            return torch.empty((), dtype=a.dtype, device=META)
+        if isinstance(a, (list, tuple)):
+            return type(a)(conv(x) for x in a)
+        return a
+    return tuple(conv(a) for a in margs), {k: conv(v) for k, v in mkw.items()}
+
+
+def _collect_tensors(seq: Any) -> list:
+    out: list = []
+    for a in seq:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(_collect_tensors(a))
+    return out
+
+
+def _spec_of(out: Any, minputs: list) -> Any:
+    n_new = 0
+
+    def item(o: Any) -> tuple:
+        nonlocal n_new
+        if isinstance(o, torch.Tensor):
+            for i, mi in enumerate(minputs):
+                if o is mi:
+                    return ("alias", i)
+            n_new += 1
+            return ("new", tuple(o.shape), tuple(o.stride()), o.storage_offset(), o.dtype)
+        if o is None:
+            return ("none",)
+        if isinstance(o, (list, tuple)):
+            return ("list", [item(x) for x in o])
+        return ("value", o)
+
+    if isinstance(out, torch.Tensor):
+        return _OutSpec("tensor", [item(out)], n_new)
+    if isinstance(out, (tuple, list)):
+        items = [item(o) for o in out]
+        if any(i[0] == "value" for i in items):
+            return _SYNC
+        return _OutSpec("tuple" if isinstance(out, tuple) else "list", items, n_new)
+    if out is None:
+        return _OutSpec("none", [], 0)
+    return _SYNC  # a plain value comes from the server
+
+
+def _build(spec: _OutSpec, inputs: list, dev: int, outs: list[int]) -> Any:
+    def build(it: tuple) -> Any:
+        tag = it[0]
+        if tag == "new":
+            h = _next_handle()
+            outs.append(h)
+            return wrap(it[1], it[2], it[3], it[4], dev, h)
+        if tag == "alias":
+            outs.append(0)
+            return inputs[it[1]]
+        if tag == "list":
+            return [build(x) for x in it[1]]
+        return None
+
+    if spec.kind == "tensor":
+        return build(spec.items[0])
+    if spec.kind == "none":
+        return None
+    built = [build(x) for x in spec.items]
+    return tuple(built) if spec.kind == "tuple" else built
+
+
+# --------------------------------------------------------------------------- dispatch
+def dispatch(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    special = _SPECIAL.get(func)
+    if special is not None:
+        return special(func, args, kwargs, default_dev)
+    return generic(func, args, kwargs, default_dev)
+
+
+def generic(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    walk = _Walk(None, func in _VALUE_KEYED)
+    enc_args, akey = walk.enc(args)
+    enc_kw, kkey = walk.enc_kwargs(kwargs)
+    dev = walk.dev if walk.dev is not None else default_dev
+    if dev is None:
+        # no vGPU tensor and no vGPU device: not ours (e.g. host work inside a factory)
+        with torch._C._DisableTorchDispatch():
+            return func(*args, **kwargs)
+    key = (func, akey, kkey)
+    spec = _meta_cache.get(key)
+    if spec is None:
+        spec = _meta_spec(func, args, kwargs, walk.temps)
+        _meta_cache[key] = spec
+    conn = get_runtime().conn(dev)
+    oid = op_id(func)
+    if oid not in conn.defined:
+        conn.define(oid, _op_names[oid])
+    if _pending_free:
+        _drain_frees()
+    if spec is _SYNC:
+        return _call_sync(conn, oid, enc_args, enc_kw, dev)
+    outs: list[int] = []
+    result = _build(spec, walk.inputs, dev, outs)
+    conn.push([m.CMD_OP, oid, enc_args, enc_kw, outs])
+    return result
+
+
+def _call_sync(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int) -> Any:
+    # Data-dependent shapes or plain values: the server runs it and tells us the metadata.
+    pre = [_next_handle() for _ in range(8)]
+    reply = conn.call([m.CMD_CALL, oid, enc_args, enc_kw, pre])
+    values, metas = reply[1], reply[2]
+    tensors = []
+    for h, (shape, stride, offset, dtype) in zip(pre, metas, strict=False):
+        tensors.append(wrap(shape, stride, offset, dtype, dev, h))
+    unused = pre[len(metas):]
+    conn.frees.extend(unused)
+    if not tensors:
+        return values[0] if len(values) == 1 else tuple(values)
+    if len(tensors) == 1 and not values:
+        return tensors[0]
+    return tuple(tensors) + tuple(values)
+
+
+# --------------------------------------------------------------------------- transfers
+def upload(t: torch.Tensor, dev: int) -> RemoteTensor:
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    h = _next_handle()
+    conn = get_runtime().conn(dev)
+    conn.upload(h, t)
+    return wrap(t.shape, t.stride(), 0, t.dtype, dev, h)
+
+
+def fetch(t: RemoteTensor) -> torch.Tensor:
+    conn = get_runtime().conn(t._dev)
+    if _pending_free:
+        _drain_frees()
+    host = conn.fetch(t._h)
+    return host
+
+
+def _device_index(d: Any, default: int) -> int | None:
+    if isinstance(d, torch.device):
+        if d.type == "cpu":
+            return None
+        return default if d.index is None else d.index
+    return default
+
+
+def _to_copy(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    src = args[0]
+    target = kwargs.get("device")
+    dtype = kwargs.get("dtype")
+    if isinstance(src, RemoteTensor) and target is not None and target.type == "cpu":
+        host = fetch(src)
+        if dtype is not None and dtype != host.dtype:
+            host = host.to(dtype)
+        return host
+    if not isinstance(src, RemoteTensor):
+        dev = default_dev if default_dev is not None else 0
+        host = src if dtype is None else src.to(dtype)
+        return upload(host, dev)
+    return generic(func, args, kwargs, default_dev)
+
+
+def _copy_(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    dst, src = args[0], args[1]
+    if isinstance(dst, RemoteTensor) and not isinstance(src, RemoteTensor):
+        if src.dim() == 0:
+            return generic(func, args, kwargs, default_dev)
+        tmp = upload(src.to(dst.dtype) if src.dtype != dst.dtype else src, dst._dev)
+        return generic(func, (dst, tmp), kwargs, default_dev)
+    if not isinstance(dst, RemoteTensor):
+        with torch._C._DisableTorchDispatch():
+            return dst.copy_(fetch(src))
+    if dst._dev != src._dev:
+        tmp = upload(fetch(src), dst._dev)
+        return generic(func, (dst, tmp), kwargs, default_dev)
+    return generic(func, args, kwargs, default_dev)
+
+
+def _lift(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    src = args[0]
+    if isinstance(src, RemoteTensor):
+        return generic(func, args, kwargs, default_dev)
+    if default_dev is None:
+        with torch._C._DisableTorchDispatch():
+            return func(*args, **kwargs)
+    return upload(src, default_dev)
+
+
+def _local_scalar(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    t = args[0]
+    host = fetch(t)
+    return host.item()
+
+
+def _is_pinned(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    return False
+
+
+_SPECIAL: dict[Any, Callable[..., Any]] = {
+    aten._to_copy.default: _to_copy,
+    aten.copy_.default: _copy_,
+    aten.lift_fresh.default: _lift,
+    aten.lift_fresh_copy.default: _lift,
+    aten._local_scalar_dense.default: _local_scalar,
+    aten.is_pinned.default: _is_pinned,
+}
+
+
+class FactoryMode(TorchDispatchMode):
+    """Active while a torch function creates a tensor with device='cuda[:N]'."""
+
+    def __init__(self, dev: int) -> None:
+        super().__init__()
+        self.dev = dev
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        return dispatch(func, args, kwargs or {}, self.dev)
+
+
+# --------------------------------------------------------------------------- printing
+def _repr(t: RemoteTensor) -> str:
+    host = t.detach().cpu() if t.dtype in codec.DTYPE_CODE else None
+    if host is None:
+        return f"tensor(..., device='cuda:{t._dev}', dtype={t.dtype})"
+    text = repr(host)
+    assert text.endswith(")")
+    suffix = [f"device='cuda:{t._dev}'"]
+    if t.grad_fn is not None:
+        suffix.append(f"grad_fn=<{type(t.grad_fn).__name__}>")
+    elif t.requires_grad:
+        suffix.append("requires_grad=True")
+    return text[:-1] + ", " + ", ".join(suffix) + ")"

@@ -1,0 +1,187 @@
+"""The client runtime: one allocation per process, one session per granted vGPU."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from orion_vgpu import __version__
+from orion_vgpu.client import allocation
+from orion_vgpu.client.errors import OrionError
+from orion_vgpu.client.transport import Connection
+
+log = logging.getLogger("orion.client")
+
+
+@dataclass
+class Settings:
+    controller_addr: str = "127.0.0.1:9123"
+    vgpu: int = 1
+    gmem_mib: int | None = None
+    ratio: int | None = None
+    cross_node: bool = False
+    enable_net: bool = False
+    token: str | None = None
+    log_dir: Path | None = None
+    shm_path: str | None = None
+    wait_s: float = 0.0
+
+    @classmethod
+    def from_config(cls) -> Settings:
+        from orion_vgpu.config import ConfigError, load_client_config
+        try:
+            cfg = load_client_config()
+        except ConfigError as exc:
+            raise OrionError(str(exc)) from None
+        shm = os.environ.get("ORION_SHM")
+        return cls(controller_addr=str(cfg.controller_addr), vgpu=int(cfg.vgpu or 1),
+                   gmem_mib=cfg.gmem_mib, ratio=cfg.ratio, cross_node=bool(cfg.cross_node),
+                   enable_net=bool(cfg.enable_net), token=getattr(cfg, "token", None),
+                   log_dir=getattr(cfg, "log_dir", None), shm_path=shm or None,
+                   wait_s=float(os.environ.get("ORION_WAIT", "0") or 0))
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.lock = threading.RLock()
+        self.alloc: dict | None = None
+        self.conns: list[Connection] = []
+        self.current = 0
+        self.seeds: dict[int, int] = {}
+        self.pid = os.getpid()
+        self.failed: OrionError | None = None
+
+    @property
+    def device_count(self) -> int:
+        return self.settings.vgpu
+
+    @property
+    def started(self) -> bool:
+        return self.alloc is not None
+
+    def conn(self, dev: int) -> Connection:
+        conns = self.conns
+        if dev < len(conns):
+            return conns[dev]
+        self.start()
+        if not 0 <= dev < len(self.conns):
+            raise RuntimeError(f"CUDA error: invalid device ordinal (cuda:{dev}; this program "
+                               f"has {len(self.conns)} vGPU, set ORION_VGPU for more)")
+        return self.conns[dev]
+
+    def start(self) -> None:
+        with self.lock:
+            if self.alloc is not None:
+                return
+            if self.failed is not None:
+                raise self.failed
+            if os.getpid() != self.pid:
+                raise OrionError("a forked child process cannot use its parent's vGPU session "
+                                 "(use the 'spawn' start method for processes that use CUDA)")
+            try:
+                self._start()
+            except OrionError as exc:
+                self.failed = exc
+                raise
+
+    def _start(self) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        self._setup_log()
+        req = allocation.Request(vgpu=s.vgpu, gmem_mib=s.gmem_mib, ratio=s.ratio,
+                                 cross_node=s.cross_node, wait_s=s.wait_s)
+        try:
+            alloc = allocation.allocate(s.controller_addr, req, s.token)
+        except allocation.ControllerError as exc:
+            raise OrionError(str(exc)) from None
+        self.alloc = alloc
+        atexit.register(self.shutdown)
+        try:
+            for v in alloc["vgpus"]:
+                self.conns.append(Connection(v, enable_net=s.enable_net, shm_path=s.shm_path))
+        except BaseException:
+            self.shutdown(quiet=True)
+            raise
+        for dev, seed in self.seeds.items():
+            self._send_seed(dev, seed)
+        places = ", ".join(f"{v['node_name']} gpu {v['gpu_index']} ({v['gmem_mib']} MiB"
+                           f"{', emulated' if v.get('emulated') else ''})" for v in alloc["vgpus"])
+        _say(f"Orion vGPU client runtime {__version__}: allocation {alloc['id']} granted "
+             f"{len(self.conns)} vGPU: {places}")
+        log.info("allocation %s started in %.1f ms via %s", alloc["id"],
+                 (time.perf_counter() - t0) * 1e3, ", ".join(c.where for c in self.conns))
+
+    def _setup_log(self) -> None:
+        d = self.settings.log_dir
+        if d is None:
+            return
+        try:
+            Path(d).mkdir(parents=True, exist_ok=True)
+            path = Path(d) / f"client-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            h = logging.FileHandler(path)
+        except OSError:
+            return
+        h.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s",
+                                         "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+
+    def seed(self, dev: int, seed: int) -> None:
+        self.seeds[dev] = seed
+        if self.alloc is not None and dev < len(self.conns):
+            self._send_seed(dev, seed)
+
+    def _send_seed(self, dev: int, seed: int) -> None:
+        from orion_vgpu.protocol import messages as m
+        self.conns[dev].push([m.CMD_SEED, seed])
+
+    def synchronize(self, dev: int | None = None) -> None:
+        if self.alloc is None:
+            return
+        from orion_vgpu.protocol import messages as m
+        for i, c in enumerate(self.conns):
+            if dev is None or i == dev:
+                c.request([m.CMD_SYNC])
+
+    def shutdown(self, quiet: bool = False) -> None:
+        with self.lock:
+            alloc, self.alloc = self.alloc, None
+            if alloc is None or os.getpid() != self.pid:
+                return
+            for c in self.conns:
+                try:
+                    c.close()
+                except Exception:  # exiting: nothing left to report to
+                    pass
+            self.conns = []
+            try:
+                allocation.release(self.settings.controller_addr, alloc["id"], self.settings.token)
+            except allocation.ControllerError as exc:
+                log.info("release of allocation %s failed: %s (its server reports the session "
+                         "gone instead)", alloc["id"], exc)
+            log.info("Client exits with allocation ID %s", alloc["id"])
+            if not quiet:
+                _say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [INFO] Client exits with allocation "
+                     f"ID {alloc['id']}")
+
+
+def _say(line: str) -> None:
+    if os.environ.get("ORION_QUIET") != "1":
+        print(line, file=sys.stderr, flush=True)
+
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(Settings.from_config())
+    return _runtime

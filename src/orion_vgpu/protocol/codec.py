@@ -1,0 +1,114 @@
+"""msgpack encoding of ATen arguments: tensor handles, dtypes, devices and friends.
+
+Tensors travel as handles (ext 1); the server resolves them in its own session table, so
+a client can only ever name its own tensors. Nothing here can carry Python code.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import torch
+
+EXT_HANDLE = 1
+EXT_DTYPE = 2
+EXT_DEVICE = 3
+EXT_MEMFMT = 4
+EXT_LAYOUT = 5
+EXT_COMPLEX = 6
+
+DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.complex64, torch.complex128,
+)
+DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
+MEMFMTS = (torch.contiguous_format, torch.channels_last, torch.preserve_format,
+           torch.channels_last_3d)
+MEMFMT_CODE = {m: i for i, m in enumerate(MEMFMTS)}
+LAYOUTS = (torch.strided, torch.sparse_coo)
+LAYOUT_CODE = {m: i for i, m in enumerate(LAYOUTS)}
+
+DTYPE_EXT = {d: msgpack.ExtType(EXT_DTYPE, bytes([c])) for d, c in DTYPE_CODE.items()}
+MEMFMT_EXT = {m: msgpack.ExtType(EXT_MEMFMT, bytes([c])) for m, c in MEMFMT_CODE.items()}
+LAYOUT_EXT = {m: msgpack.ExtType(EXT_LAYOUT, bytes([c])) for m, c in LAYOUT_CODE.items()}
+# The device of the session (the vGPU) and the client's host memory.
+DEVICE_REMOTE = msgpack.ExtType(EXT_DEVICE, b"\x00")
+DEVICE_HOST = msgpack.ExtType(EXT_DEVICE, b"\x01")
+_Q = struct.Struct("<q")
+_DD = struct.Struct("<dd")
+
+
+class CodecError(ValueError):
+    """An argument that the protocol cannot carry, or a malformed encoded value."""
+
+
+def handle_ext(handle: int) -> msgpack.ExtType:
+    return msgpack.ExtType(EXT_HANDLE, _Q.pack(handle))
+
+
+def dtype_from_code(code: int) -> torch.dtype:
+    if not 0 <= code < len(DTYPES):
+        raise CodecError(f"unknown dtype code {code}")
+    return DTYPES[code]
+
+
+def encode_default(obj: Any) -> Any:
+    """msgpack ``default`` for the client: the few torch values ATen signatures take."""
+    if isinstance(obj, torch.dtype):
+        try:
+            return DTYPE_EXT[obj]
+        except KeyError:
+            raise CodecError(f"dtype {obj} is not supported on a vGPU") from None
+    if isinstance(obj, torch.memory_format):
+        return MEMFMT_EXT[obj]
+    if isinstance(obj, torch.layout):
+        if obj not in LAYOUT_EXT:
+            raise CodecError(f"layout {obj} is not supported on a vGPU")
+        return LAYOUT_EXT[obj]
+    if isinstance(obj, torch.device):
+        return DEVICE_HOST if obj.type == "cpu" else DEVICE_REMOTE
+    if isinstance(obj, complex):
+        return msgpack.ExtType(EXT_COMPLEX, _DD.pack(obj.real, obj.imag))
+    if isinstance(obj, torch.Size):
+        return list(obj)
+    raise CodecError(f"cannot send a {type(obj).__name__} to a vGPU")
+
+
+def make_ext_hook(resolve_handle: Callable[[int], Any], remote_device: torch.device
+                  ) -> Callable[[int, bytes], Any]:
+    """Server-side ``ext_hook``: turn ext values back into torch objects."""
+    host = torch.device("cpu")
+
+    def hook(code: int, data: bytes) -> Any:
+        if code == EXT_HANDLE and len(data) == 8:
+            return resolve_handle(_Q.unpack(data)[0])
+        if len(data) == 1:
+            idx = data[0]
+            if code == EXT_DTYPE:
+                return dtype_from_code(idx)
+            if code == EXT_MEMFMT and idx < len(MEMFMTS):
+                return MEMFMTS[idx]
+            if code == EXT_LAYOUT and idx < len(LAYOUTS):
+                return LAYOUTS[idx]
+            if code == EXT_DEVICE:
+                return remote_device if idx == 0 else host
+        if code == EXT_COMPLEX and len(data) == 16:
+            re, im = _DD.unpack(data)
+            return complex(re, im)
+        raise CodecError(f"malformed ext value (code {code}, {len(data)} bytes)")
+
+    return hook
+
+
+def client_ext_hook(code: int, data: bytes) -> Any:
+    """Client-side decoding of replies (dtypes only need decoding there)."""
+    if code == EXT_DTYPE and len(data) == 1:
+        return dtype_from_code(data[0])
+    if code == EXT_COMPLEX and len(data) == 16:
+        re, im = _DD.unpack(data)
+        return complex(re, im)
+    return msgpack.ExtType(code, data)

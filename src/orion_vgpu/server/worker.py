@@ -1,0 +1,397 @@
+"""One session's worker process: started warm by the session manager, handed a client.
+
+``python -m orion_vgpu.server.worker --control-fd N``. It waits on the control socket for
+the session spec and the client connection (fd passing), greets the client, then executes
+the client's command stream until the client says goodbye or goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import msgpack
+import torch
+
+from orion_vgpu import PROTOCOL_VERSION, __version__
+from orion_vgpu.protocol import codec, frames
+from orion_vgpu.protocol import messages as m
+from orion_vgpu.protocol.shm import Arena, ShmError
+from orion_vgpu.server.executor import Executor, SessionError
+
+log = logging.getLogger("orion.session")
+STATS_INTERVAL_S = 1.0
+
+
+class Control:
+    """The worker's side of the control channel to the session manager."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, msg: dict) -> None:
+        body = msgpack.packb(msg)
+        with self.lock:
+            try:
+                frames.send_frame(self.sock, body)
+            except OSError:
+                pass  # the manager is gone; the session still ends cleanly
+
+    def receive_session(self) -> tuple[dict, socket.socket]:
+        data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 20, 1)
+        if not data:
+            raise SystemExit(0)  # manager closed us while idle
+        buf = bytearray(data)
+        body_len = frames.HEADER.unpack_from(buf)[0]
+        while len(buf) < frames.HEADER.size + body_len:
+            buf += frames.recv_exact(self.sock, frames.HEADER.size + body_len - len(buf))
+        spec = msgpack.unpackb(bytes(buf[frames.HEADER.size:frames.HEADER.size + body_len]))
+        if not fds:
+            raise SystemExit("session spec came without a client connection")
+        return spec, socket.socket(fileno=fds[0])
+
+
+class Session:
+    def __init__(self, spec: dict, conn: socket.socket, control: Control) -> None:
+        self.spec = spec
+        self.conn = conn
+        self.control = control
+        self.device = torch.device(spec["device"])
+        self.ex = Executor(self.device, int(spec["gmem_bytes"]))
+        self.arena: Arena | None = None
+        self.pending: SessionError | None = None
+        self.unpacker = msgpack.Unpacker(
+            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device), raw=False,
+            strict_map_key=False, max_buffer_size=frames.MAX_BODY)
+        self.payload_left = 0
+        self.packer = msgpack.Packer(default=codec.encode_default)
+
+    # handshake ---------------------------------------------------------------
+    def welcome(self) -> None:
+        hello = self.spec.get("hello") or {}
+        shm_ok = False
+        shm = hello.get("shm")
+        if shm and self.spec.get("enable_shm", True):
+            shm_ok = self._attach_shm(shm)
+        props = self._device_props()
+        body = msgpack.packb({"kind": m.WELCOME, "session_id": self.spec["session_id"],
+                              "protocol": PROTOCOL_VERSION, "version": __version__,
+                              "torch": torch.__version__, "device": props, "shm": shm_ok})
+        frames.send_frame(self.conn, body)
+        log.info("session %s allocation %s vgpu %s started on %s (%s), quota %d MiB, shm %s",
+                 self.spec["session_id"][:8], self.spec["allocation_id"], self.spec["vgpu_index"],
+                 self.spec["device_name"], self.spec["device"], self.ex.ledger.limit >> 20,
+                 "yes" if shm_ok else "no")
+
+    def _attach_shm(self, shm: dict) -> bool:
+        try:
+            arena = Arena(str(shm["path"]))
+            if arena.read_nonce() != str(shm["nonce"]):
+                arena.close()
+                log.info("shared memory %s not shared with the client; using the socket",
+                         shm["path"])
+                return False
+        except (ShmError, OSError, KeyError) as exc:
+            log.info("shared memory unavailable (%s); using the socket", exc)
+            return False
+        self.arena = arena
+        return True
+
+    def _device_props(self) -> dict[str, Any]:
+        props = {"name": self.spec["device_name"], "uuid": self.spec["device_uuid"],
+                 "total_memory": self.ex.ledger.limit, "emulated": bool(self.spec["emulated"]),
+                 "index": self.spec["device_index"], "major": 8, "minor": 0,
+                 "multi_processor_count": os.cpu_count() or 1}
+        if self.device.type == "cuda":
+            p = torch.cuda.get_device_properties(self.device)
+            props.update(major=p.major, minor=p.minor,
+                         multi_processor_count=p.multi_processor_count)
+        return props
+
+    # main loop ---------------------------------------------------------------
+    def serve(self) -> str:
+        while True:
+            try:
+                body, self.payload_left = frames.recv_frame(self.conn)
+            except frames.PeerClosed:
+                return "client disconnected"
+            except frames.FrameError as exc:
+                self._reply_error("ProtocolError", str(exc))
+                return f"protocol error: {exc}"
+            except OSError as exc:
+                return f"connection lost: {exc}"
+            try:
+                done = self._run_frame(body)
+            except (msgpack.UnpackException, ValueError, TypeError) as exc:
+                self._reply_error("ProtocolError", f"malformed frame: {exc}")
+                return f"protocol error: malformed frame ({exc})"
+            if done:
+                return "client closed the session"
+            if self.payload_left:
+                frames.discard(self.conn, self.payload_left)
+
+    def _run_frame(self, body: bytearray) -> bool:
+        self.unpacker.feed(body)
+        for cmd in self.unpacker:
+            if not isinstance(cmd, list) or not cmd:
+                raise ValueError("command is not a non-empty array")
+            kind = cmd[0]
+            if kind == m.CMD_BYE:
+                return True
+            if kind in m.ANSWERED:
+                self._answer(cmd)
+            else:
+                self._execute(cmd)
+        return False
+
+    def _execute(self, cmd: list) -> None:
+        try:
+            self._dispatch(cmd)
+        except SessionError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a failing op is the client's error, not the worker's
+            self._fail(SessionError(type(exc).__name__, str(exc)))
+
+    def _fail(self, exc: SessionError) -> None:
+        if self.pending is None:
+            self.pending = exc
+            log.info("session %s op failed: %s: %s", self.spec["session_id"][:8], exc.kind,
+                     str(exc).splitlines()[0] if str(exc) else "")
+
+    def _dispatch(self, cmd: list) -> None:
+        kind = cmd[0]
+        ex = self.ex
+        if kind == m.CMD_OP:
+            ex.run(cmd[1], cmd[2], cmd[3], cmd[4])
+        elif kind == m.CMD_FREE:
+            ex.free(cmd[1])
+        elif kind == m.CMD_DEF:
+            ex.define(cmd[1], cmd[2])
+        elif kind == m.CMD_UPLOAD:
+            self._upload(cmd)
+        elif kind == m.CMD_SEED:
+            self._seed(int(cmd[1]))
+        elif kind == m.CMD_COPY:
+            dst, src = ex.resolve(cmd[1]), ex.resolve(cmd[2])
+            dst.copy_(src)
+        elif kind == m.CMD_RNG_SET:
+            self._rng_set(int(cmd[1]))
+        else:
+            raise SessionError("ProtocolError", f"unknown command kind {kind!r}")
+
+    def _answer(self, cmd: list) -> None:
+        if self.pending is not None:
+            exc, self.pending = self.pending, None
+            self._reply_error(exc.kind, str(exc))
+            return
+        try:
+            self._answer_ok(cmd)
+        except SessionError as exc:
+            self._reply_error(exc.kind, str(exc))
+        except Exception as exc:
+            self._reply_error(type(exc).__name__, str(exc))
+
+    def _answer_ok(self, cmd: list) -> None:
+        kind = cmd[0]
+        if kind == m.CMD_SYNC:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._reply([m.REPLY_OK])
+        elif kind == m.CMD_FETCH:
+            self._fetch(cmd)
+        elif kind == m.CMD_CALL:
+            self._call(cmd)
+        elif kind == m.CMD_STATS:
+            led = self.ex.ledger
+            self._reply([m.REPLY_OK, {"allocated": led.used, "peak": led.peak,
+                                      "limit": led.limit, "ops": self.ex.n_ops}])
+        elif kind == m.CMD_RNG_GET:
+            state = self._rng_state()
+            self._reply([m.REPLY_OK, state.numel()], [memoryview(state.numpy())])
+
+    # replies -----------------------------------------------------------------
+    def _reply(self, msg: list, payload: list | None = None) -> None:
+        frames.send_frame(self.conn, self.packer.pack(msg), payload or ())
+
+    def _reply_error(self, kind: str, message: str) -> None:
+        try:
+            self._reply([m.REPLY_ERROR, kind, message])
+        except OSError:
+            pass
+
+    # commands ----------------------------------------------------------------
+    def _upload(self, cmd: list) -> None:
+        _, handle, dtype_code, shape, nbytes, shm_pos = cmd
+        dtype = codec.dtype_from_code(dtype_code)
+        numel = 1
+        for s in shape:
+            if not isinstance(s, int) or s < 0:
+                raise SessionError("ValueError", f"invalid upload shape {shape}")
+            numel *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if numel * itemsize != nbytes:
+            raise SessionError("ValueError", "upload size does not match its shape")
+        if shm_pos is None and nbytes > self.payload_left:
+            raise SessionError("ProtocolError", "upload larger than the frame's payload")
+        self._check_quota_or_drain(nbytes, shm_pos)
+        host = torch.empty(shape, dtype=dtype)
+        raw = host.reshape(-1).view(torch.uint8) if nbytes else None
+        if raw is not None:
+            if shm_pos is None:
+                frames.recv_exact_into(self.conn, memoryview(raw.numpy()))
+                self.payload_left -= nbytes
+            else:
+                assert self.arena is not None
+                raw.copy_(self.arena.ring_region(shm_pos, nbytes))
+                self.arena.set_consumed(shm_pos + nbytes)
+        t = host if self.device.type == "cpu" else host.to(self.device)
+        self.ex.store(handle, t)
+
+    def _check_quota_or_drain(self, nbytes: int, shm_pos: int | None) -> None:
+        try:
+            self.ex.check_alloc(nbytes)
+        except SessionError:
+            if shm_pos is None:
+                frames.discard(self.conn, nbytes)
+                self.payload_left -= nbytes
+            elif self.arena is not None:
+                self.arena.set_consumed(shm_pos + nbytes)
+            raise
+
+    def _fetch(self, cmd: list) -> None:
+        t = self.ex.resolve(cmd[1])
+        if not isinstance(t, torch.Tensor):
+            raise SessionError("RuntimeError", f"tensor handle {cmd[1]} is not held by this session")
+        host = t.detach().to("cpu").contiguous()
+        nbytes = host.numel() * host.element_size()
+        raw = host.reshape(-1).view(torch.uint8)
+        dtype = codec.DTYPE_EXT[host.dtype]
+        if self.arena is not None and 0 < nbytes <= self.arena.download_size:
+            self.arena.region(self.arena.download_off, nbytes).copy_(raw)
+            self._reply([m.REPLY_OK, dtype, list(host.shape), nbytes, self.arena.download_off])
+        else:
+            self._reply([m.REPLY_OK, dtype, list(host.shape), nbytes, None],
+                        [memoryview(raw.numpy())] if nbytes else None)
+
+    def _call(self, cmd: list) -> None:
+        _, op_id, args, kwargs, outs = cmd
+        result = self.ex.run(op_id, args, kwargs, [])
+        values: list = []
+        metas: list = []
+        tensors: list = []
+        for r in (result if isinstance(result, (tuple, list)) else [result]):
+            if isinstance(r, torch.Tensor):
+                tensors.append(r)
+                metas.append([list(r.shape), list(r.stride()), r.storage_offset(),
+                              codec.DTYPE_EXT[r.dtype]])
+            else:
+                values.append(r.item() if hasattr(r, "item") else r)
+        if len(tensors) > len(outs):
+            raise SessionError("RuntimeError", "operator returned more tensors than expected")
+        for h, t in zip(outs, tensors, strict=False):
+            self.ex.store(h, t)
+        self._reply([m.REPLY_OK, values, metas])
+
+    def _seed(self, seed: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
+
+    def _rng_state(self) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def _rng_set(self, nbytes: int) -> None:
+        state = torch.empty(nbytes, dtype=torch.uint8)
+        frames.recv_exact_into(self.conn, memoryview(state.numpy()))
+        self.payload_left -= nbytes
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    def stats(self) -> dict:
+        return {"type": "stats", "mem_used_bytes": self.ex.ledger.used,
+                "busy_s": self.ex.busy_s, "ops": self.ex.n_ops}
+
+
+def _cap_process_memory(spec: dict) -> None:
+    if spec.get("device", "cpu") != "cpu":
+        dev = torch.device(spec["device"])
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["gmem_bytes"] / total), dev)
+        return
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[5])  # data + stack
+    baseline = pages * resource.getpagesize()
+    limit = baseline + int(spec["gmem_bytes"]) * 2 + (512 << 20)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+
+
+def _setup_log(path: str | None) -> None:
+    log.setLevel(logging.INFO)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        h = logging.FileHandler(path)
+        h.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s",
+                                         "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(h)
+
+
+def _stats_loop(session: Session, control: Control, stop: threading.Event) -> None:
+    while not stop.wait(STATS_INTERVAL_S):
+        control.send(session.stats())
+
+
+def run(control_fd: int) -> int:
+    control = Control(socket.socket(fileno=control_fd))
+    spec, conn = control.receive_session()
+    _setup_log(spec.get("log_file"))
+    conn.setblocking(True)
+    session = Session(spec, conn, control)
+    reason = "session ended"
+    stop = threading.Event()
+    try:
+        _cap_process_memory(spec)
+        session.welcome()
+        threading.Thread(target=_stats_loop, args=(session, control, stop), daemon=True).start()
+        reason = session.serve()
+    except Exception as exc:  # the worker must always report why the session ended
+        reason = f"worker error: {type(exc).__name__}: {exc}"
+        log.exception("session %s failed", spec.get("session_id", "?")[:8])
+    finally:
+        stop.set()
+        log.info("session %s allocation %s vgpu %s ended: %s (%d ops, peak %d MiB)",
+                 spec.get("session_id", "?")[:8], spec.get("allocation_id"),
+                 spec.get("vgpu_index"), reason, session.ex.n_ops, session.ex.ledger.peak >> 20)
+        control.send(session.stats())
+        control.send({"type": "end", "reason": reason})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="orion-worker")
+    parser.add_argument("--control-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())  # warm the thread pool before a client waits
+    try:
+        return run(args.control_fd)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
