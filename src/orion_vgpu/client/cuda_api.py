@@ -94,7 +94,50 @@ def _tensor_is_pinned(func: Any, args: tuple, kwargs: dict) -> Any:
     return False
 
 
+_sdp_choices: dict[tuple, int] = {}
+_FLASH = 1  # torch.nn.attention.SDPBackend.FLASH_ATTENTION
+
+
+def _sdpa(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Run attention with the kernel the server's device would pick, not the meta fallback."""
+    q = args[0]
+    if not isinstance(q, RemoteTensor):
+        return func(*args, **kwargs)
+    k, v = args[1], args[2]
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    opts = dict(zip(names, args[3:], strict=False))
+    opts.update(kwargs)
+    mask, dropout_p = opts.get("attn_mask"), float(opts.get("dropout_p", 0.0))
+    is_causal, scale = bool(opts.get("is_causal", False)), opts.get("scale")
+    choice = _sdp_choice(q, k, v, mask, dropout_p, is_causal, scale)
+    aten = torch.ops.aten
+    if choice == _FLASH and mask is None:
+        return aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, scale=scale)[0]
+    if is_causal:
+        L, S = q.shape[-2], k.shape[-2]
+        mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+    return aten._scaled_dot_product_attention_math(
+        q, k, v, mask, dropout_p, False, scale=scale)[0]
+
+
+def _sdp_choice(q: Any, k: Any, v: Any, mask: Any, dropout_p: float, is_causal: bool,
+                scale: Any) -> int:
+    key = (q._key, k._key, v._key, None if mask is None else mask._key, dropout_p > 0,
+           is_causal, scale, get_runtime().conn(q._dev).welcome["device"].get("emulated"))
+    choice = _sdp_choices.get(key)
+    if choice is None:
+        # The choice depends only on metadata; an emulated GPU answers as its CPU would.
+        def host(t: Any) -> Any:
+            return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
+        choice = int(torch._fused_sdp_choice(host(q), host(k), host(v), host(mask), dropout_p,
+                                             is_causal, scale=scale))
+        _sdp_choices[key] = choice
+    return choice
+
+
 _TF_SPECIAL: dict[Any, Any] = {
+    torch.nn.functional.scaled_dot_product_attention: _sdpa,
     torch.Tensor.to: _tensor_to,
     torch.Tensor.cuda: _tensor_cuda,
     torch.Tensor.pin_memory: _tensor_pin_memory,

@@ -1,0 +1,11 @@
+# Allocates past its vGPU quota: must get torch.cuda.OutOfMemoryError, then keep working.
+import torch
+
+x = torch.ones(1024, 1024, device="cuda")  # 4 MiB
+try:
+    big = torch.empty(64, 1024, 1024, device="cuda")  # 256 MiB > ORION_GMEM=64
+    big.fill_(1.0)
+    print("RESULT no-oom", big.sum().item())
+except torch.cuda.OutOfMemoryError as exc:
+    print("RESULT oom", type(exc).__name__, str(exc).splitlines()[0][:60])
+print("RESULT after", (x * 2).sum().item())

@@ -1,0 +1,50 @@
+"""Unmodified PyTorch programs on a vGPU give the results they give on the server's device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from e2e.cluster import client_env, run_local, run_script, wait_for
+
+
+def _result(proc) -> list[str]:  # noqa: ANN001
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return [line for line in proc.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("script", ["mlp.py", "cnn.py", "transformer.py"])
+def test_training_matches_local_exactly(pool, tmp_path: Path, script: str) -> None:
+    ctl, srv = pool
+    local = _result(run_local(script))
+    remote_proc = run_script(script, client_env(ctl, tmp_path / "client"))
+    remote = _result(remote_proc)
+    assert remote == local  # fp32 results identical, to the last printed digit
+    # seed 001's lines: the runtime names itself at start, and the allocation at exit
+    assert "Orion vGPU client runtime" in remote_proc.stderr
+    assert "Client exits with allocation ID" in remote_proc.stderr
+    assert srv.session_logs(), "the server writes a session log per run"
+    assert wait_for(lambda: ctl.get("/pool").json()["vgpu_free"] == 8, timeout=10)
+
+
+def test_checkpoint_resume_identical_and_tagged_cuda(pool, tmp_path: Path) -> None:
+    ctl, _ = pool
+    proc = run_script("checkpoint.py", client_env(ctl, tmp_path / "c"), str(tmp_path / "ck.pt"))
+    out = _result(proc)
+    assert "device cuda" in out  # loaded back onto the vGPU without map_location
+    cont, resumed = out[-1].split()[1:]
+    assert cont == resumed
+    import torch
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(tmp_path / "ck.pt")  # a CPU-only torch sees storages saved from cuda
+    state = torch.load(tmp_path / "ck.pt", map_location="cpu")
+    assert next(iter(state["model"].values())).device.type == "cpu"
+
+
+@pytest.mark.parametrize("enable_net", ["0", "1"])
+def test_oom_beyond_gmem_keeps_session_usable(pool, tmp_path: Path, enable_net: str) -> None:
+    ctl, _ = pool
+    env = client_env(ctl, tmp_path / "c", ORION_GMEM="64", ORION_ENABLE_NET=enable_net)
+    out = _result(run_script("oom.py", env))
+    assert out[0].startswith("RESULT oom OutOfMemoryError"), out
+    assert out[1] == "RESULT after 2097152.0"
