@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from e2e.cluster import client_env, run_local, run_script, wait_for
 
 

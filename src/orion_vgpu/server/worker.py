@@ -14,7 +14,6 @@ import resource
 import socket
 import sys
 import threading
-import time
 from typing import Any
 
 import msgpack

@@ -1,6 +1,5 @@
 # Train, save a checkpoint, load it into a fresh model+optimizer, continue: must equal
 # continuing without the save/load round trip.
-import copy
 import sys
 
 import torch

@@ -1,0 +1,69 @@
+"""Starts a throwaway pool (controller + oriond with emulated GPUs) for benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, pred, timeout: float = 30.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if pred(json.load(r)):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+@contextmanager
+def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4) -> Iterator[dict[str, str]]:
+    """Yield the environment a client needs; everything is killed on exit."""
+    tmp = Path(tempfile.mkdtemp(prefix="orion-bench-"))
+    cport, sport = _port(), _port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
+    env = dict(base, ORION_HOME=str(tmp / "home"))
+    procs = [subprocess.Popen([sys.executable, "-m", "orion_vgpu.controller", "--listen",
+                               f"127.0.0.1:{cport}", "--data-dir", str(tmp / "ctl")],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        _wait(f"http://127.0.0.1:{cport}/api/v1/info", lambda d: True)
+        token = (tmp / "ctl" / "pool_token").read_text().strip()
+        conf = tmp / "server.conf"
+        conf.write_text(f"[log]\n    log_to_screen = false\n    log_dir = {tmp / 'log'}\n"
+                        f"[controller]\n    controller_addr = 127.0.0.1:{cport}\n"
+                        f"    pool_token = {token}\n[server]\n    name = bench-node\n"
+                        f"    emulated_gpus = {emulated}\n    vgpu_count = {vgpu_count}\n"
+                        f"    listen_port = {sport}\n    unix_socket = {tmp / 'oriond.sock'}\n")
+        procs.append(subprocess.Popen([sys.executable, "-m", "orion_vgpu.server", "--config",
+                                       str(conf)], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        _wait(f"http://127.0.0.1:{cport}/api/v1/pool", lambda d: d.get("vgpu_free", 0) > 0)
+        yield dict(base, ORION_HOME=str(tmp / "home"), ORION_CONTROLLER=f"127.0.0.1:{cport}",
+                   ORION_VGPU="1", ORION_GMEM="8192", ORION_QUIET="1")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -1,0 +1,73 @@
+"""Workloads timed inside one process; prints one JSON line. Run remote and local alike."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def tiny_ops(n: int) -> dict:
+    x = torch.zeros(1, device=DEV)
+    x.add_(1)
+    x.item()
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x.add_(1)
+        x.item()
+        runs.append((time.perf_counter() - t0) / n * 1e6)
+    return {"us_per_op": statistics.median(runs)}
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(c)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+
+
+def cnn_step(steps: int) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          Block(32), nn.MaxPool2d(2), Block(32), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(32, 10)).to(DEV)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x = torch.randn(64, 3, 32, 32).to(DEV)
+    y = torch.randint(0, 10, (64,)).to(DEV)
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        loss.item()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return {"ms_per_step": statistics.median(times) * 1e3}
+
+
+if __name__ == "__main__":
+    kind, n = sys.argv[1], int(sys.argv[2])
+    out = tiny_ops(n) if kind == "tiny" else cnn_step(n)
+    out["device"] = DEV
+    print(json.dumps(out))
