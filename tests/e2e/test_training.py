@@ -49,3 +49,13 @@ def test_oom_beyond_gmem_keeps_session_usable(pool, tmp_path: Path, enable_net: 
     out = _result(run_script("oom.py", env))
     assert out[0].startswith("RESULT oom OutOfMemoryError"), out
     assert out[1] == "RESULT after 2097152.0"
+
+
+def test_amp_autocast_and_gradscaler_converge(pool, tmp_path: Path) -> None:
+    ctl, _ = pool
+    out = _result(run_script("amp.py", client_env(ctl, tmp_path / "c")))
+    _, out_dtype, loss_dtype, first, last, scale = out[-1].split()
+    assert out_dtype == "torch.float16"  # autocast ran the linear layers in half precision
+    assert loss_dtype == "torch.float32"  # and the loss in float32, as on a GPU
+    assert float(last) < 0.5 * float(first)
+    assert float(scale) > 0

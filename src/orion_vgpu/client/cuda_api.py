@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from orion_vgpu.client import frontend
+from orion_vgpu.client import autocast, frontend
 from orion_vgpu.client.frontend import FactoryMode, RemoteTensor
 from orion_vgpu.client.runtime import get_runtime
 
 _active = False
+_autocast_on = torch.is_autocast_enabled
 
 
 def _cuda_index(d: Any) -> int | None:
@@ -41,6 +42,10 @@ class VGPUMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if _autocast_on("cuda"):
+            dtype = autocast.policy_dtype(func)
+            if dtype is not None:
+                args, kwargs = autocast.cast_args(args, kwargs, dtype)
         special = _TF_SPECIAL.get(func)
         if special is not None:
             return special(func, args, kwargs)
@@ -63,7 +68,8 @@ def _create(func: Any, args: tuple, kwargs: dict, idx: int) -> Any:
 
 def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
     self = args[0]
-    device, dtype, non_blocking, memfmt = torch._C._nn._parse_to(*args[1:], **kwargs)
+    parse_kwargs = {k: v for k, v in kwargs.items() if k != "copy"}
+    device, dtype, non_blocking, memfmt = torch._C._nn._parse_to(*args[1:], **parse_kwargs)
     idx = _cuda_index(device) if device is not None else None
     if idx is None:
         return func(*args, **kwargs)
