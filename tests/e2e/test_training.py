@@ -59,3 +59,9 @@ def test_amp_autocast_and_gradscaler_converge(pool, tmp_path: Path) -> None:
     assert loss_dtype == "torch.float32"  # and the loss in float32, as on a GPU
     assert float(last) < 0.5 * float(first)
     assert float(scale) > 0
+
+
+def test_cuda_api_surface(pool, tmp_path: Path) -> None:
+    ctl, _ = pool
+    out = _result(run_script("cuda_api.py", client_env(ctl, tmp_path / "c", ORION_GMEM="3000")))
+    assert out[-1] == "RESULT ok"

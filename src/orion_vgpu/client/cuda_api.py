@@ -63,7 +63,15 @@ def _create(func: Any, args: tuple, kwargs: dict, idx: int) -> Any:
     if kwargs.get("pin_memory"):
         kwargs["pin_memory"] = False
     with FactoryMode(idx):
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+    if isinstance(out, torch.Tensor) and not isinstance(out, RemoteTensor) and out.is_meta:
+        # torch.tensor()/as_tensor() build their result below every mode: build on the host.
+        kwargs["device"] = "cpu"
+        host = func(*args, **kwargs)
+        out = frontend.upload(host, idx)
+        if host.requires_grad:
+            out.requires_grad_(True)
+    return out
 
 
 def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
@@ -142,7 +150,43 @@ def _sdp_choice(q: Any, k: Any, v: Any, mask: Any, dropout_p: float, is_causal: 
     return choice
 
 
+def _direct_aten(op: Any) -> Any:
+    """Ops whose meta check fails above the Python key (no meta kernel): go to ATen directly.
+
+    These are not differentiable, so skipping autograd loses nothing."""
+    def handler(func: Any, args: tuple, kwargs: dict) -> Any:
+        if not any(isinstance(a, RemoteTensor) for a in args):
+            return func(*args, **kwargs)
+        return frontend.dispatch(op, args, kwargs, None)
+    return handler
+
+
+def _unique(func: Any, args: tuple, kwargs: dict) -> Any:
+    """torch.unique on a vGPU tensor: run ATen's kernel on the server (shape is data-dependent)."""
+    if not args or not isinstance(args[0], RemoteTensor):
+        return func(*args, **kwargs)
+    names = ("sorted", "return_inverse", "return_counts", "dim")
+    opts = {"sorted": True, "return_inverse": False, "return_counts": False, "dim": None}
+    opts.update(dict(zip(names, args[1:], strict=False)))
+    opts.update(kwargs)
+    x, inv, cnt = opts["return_inverse"], opts["return_counts"], opts["dim"]
+    aten = torch.ops.aten
+    if cnt is not None and opts["dim"] is not None:
+        out = frontend.dispatch(aten.unique_dim.default,
+                                (args[0], opts["dim"], opts["sorted"], x, inv), {}, None)
+    else:
+        out = frontend.dispatch(aten._unique2.default, (args[0], opts["sorted"], x, inv), {},
+                                None)
+    result = [out[0]] + ([out[1]] if x else []) + ([out[2]] if inv else [])
+    return result[0] if len(result) == 1 else tuple(result)
+
+
 _TF_SPECIAL: dict[Any, Any] = {
+    torch.unique: _unique,
+    torch.Tensor.unique: _unique,
+    torch._unique2: _direct_aten(torch.ops.aten._unique2.default),
+    torch._unique: _direct_aten(torch.ops.aten._unique.default),
+    torch.unique_consecutive: _direct_aten(torch.ops.aten.unique_consecutive.default),
     torch.nn.functional.scaled_dot_product_attention: _sdpa,
     torch.Tensor.to: _tensor_to,
     torch.Tensor.cuda: _tensor_cuda,

@@ -1,0 +1,92 @@
+# What a program sees of CUDA on a vGPU; every check is an assert, "RESULT ok" at the end.
+import io
+import os
+
+import torch
+import torch.nn as nn
+
+gmem = int(os.environ["ORION_GMEM"])
+assert torch.cuda.is_available() and torch.cuda.device_count() == 1
+assert torch.cuda.current_device() == 0
+torch.cuda.set_device(0)
+with torch.cuda.device(0):
+    pass
+assert "Emulated GPU" in torch.cuda.get_device_name(0)
+assert torch.cuda.get_device_capability(0) == (8, 0)
+assert torch.cuda.get_device_properties(0).total_memory == gmem << 20
+assert torch.cuda.mem_get_info()[1] == gmem << 20
+assert torch.accelerator.is_available() and torch.accelerator.device_count() == 1
+assert torch.accelerator.current_accelerator().type == "cuda"
+torch.backends.cudnn.benchmark = True
+torch.backends.cudnn.deterministic = True
+
+x = torch.arange(10, device="cuda", dtype=torch.float32)
+assert x.device == torch.device("cuda", 0) and x.is_cuda and x.get_device() == 0
+assert repr(x) == "tensor([0., 1., 2., 3., 4., 5., 6., 7., 8., 9.], device='cuda:0')"
+assert x[x > 4].tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]  # boolean mask: data-dependent shape
+assert torch.nonzero(x > 7).tolist() == [[8], [9]]
+assert torch.unique(torch.tensor([3, 1, 3, 2], device="cuda")).tolist() == [1, 2, 3]
+assert x.sum().item() == 45.0
+try:
+    x.numpy()
+    raise AssertionError("numpy() on a cuda tensor must fail")
+except TypeError as exc:
+    assert "cuda:0 device type tensor to numpy" in str(exc)
+assert torch.cuda.memory_allocated() > 0
+assert torch.cuda.max_memory_allocated() >= torch.cuda.memory_allocated()
+assert torch.cuda.memory_stats()["allocated_bytes.all.current"] > 0
+torch.cuda.synchronize()
+s = torch.cuda.Stream()
+with torch.cuda.stream(s):
+    y = x * 2
+e1, e2 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+e1.record()
+e2.record()
+e2.synchronize()
+assert e1.elapsed_time(e2) >= 0
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+
+m = Tied()
+opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)  # made before .cuda()
+m.cuda()
+assert m.out.weight is m.emb.weight, "tied weights stay tied"
+assert opt.param_groups[0]["params"][0] is m.emb.weight, "optimizer still holds the params"
+m.out(m.emb(torch.tensor([1, 2], device="cuda"))).sum().backward()
+opt.step()
+assert m.emb.weight.grad.device.type == "cuda"
+torch.manual_seed(5)
+a = torch.rand(3, device="cuda")
+torch.manual_seed(5)
+assert torch.equal(a, torch.rand(3, device="cuda")), "seeded randoms repeat"
+state = torch.cuda.get_rng_state()
+c = torch.rand(2, device="cuda")
+torch.cuda.set_rng_state(state)
+assert torch.equal(c, torch.rand(2, device="cuda"))
+assert x.cpu().device.type == "cpu" and x.double().dtype == torch.float64
+assert repr(torch.zeros(2, device="cuda", requires_grad=True)) == \
+    "tensor([0., 0.], device='cuda:0', requires_grad=True)"
+z = torch.empty(3, device="cuda")
+z.copy_(torch.tensor([1.0, 2.0, 3.0]))
+host = torch.zeros(3)
+host.copy_(z)
+assert host.tolist() == [1.0, 2.0, 3.0]
+with torch.device("cuda"):
+    assert torch.ones(2).device.type == "cuda"
+buf = io.BytesIO()
+torch.save(z, buf)
+buf.seek(0)
+assert torch.load(buf).device.type == "cuda"
+buf.seek(0)
+assert torch.load(buf, map_location="cpu").tolist() == [1.0, 2.0, 3.0]
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8.0)),
+                                     batch_size=4, pin_memory=True)
+assert sum(b[0].to("cuda", non_blocking=True).sum().item() for b in loader) == 28.0
+print("RESULT ok")
