@@ -49,6 +49,7 @@ def test_oom_beyond_gmem_keeps_session_usable(pool, tmp_path: Path, enable_net: 
     out = _result(run_script("oom.py", env))
     assert out[0].startswith("RESULT oom OutOfMemoryError"), out
     assert out[1] == "RESULT after 2097152.0"
+    assert out[2] == "RESULT caught-at-line True"
 
 
 def test_amp_autocast_and_gradscaler_converge(pool, tmp_path: Path) -> None:

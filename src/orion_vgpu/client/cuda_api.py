@@ -290,12 +290,17 @@ def _stats(device: Any = None) -> dict:
     return rt.conn(idx or 0).stats()
 
 
+def _index(device: Any) -> int:
+    idx = current_device() if device is None else _cuda_index(device)
+    return idx or 0
+
+
 def memory_allocated(device: Any = None) -> int:
-    return int(_stats(device)["allocated"])
+    return frontend.used_bytes.get(_index(device), 0)
 
 
 def max_memory_allocated(device: Any = None) -> int:
-    return int(_stats(device)["peak"])
+    return frontend.peak_bytes.get(_index(device), 0)
 
 
 memory_reserved = memory_allocated
@@ -308,12 +313,14 @@ def mem_get_info(device: Any = None) -> tuple[int, int]:
 
 
 def memory_stats(device: Any = None) -> dict[str, int]:
-    s = _stats(device)
-    return {"allocated_bytes.all.current": int(s["allocated"]),
-            "allocated_bytes.all.peak": int(s["peak"]),
-            "reserved_bytes.all.current": int(s["allocated"]),
-            "reserved_bytes.all.peak": int(s["peak"]),
-            "num_ops": int(s.get("ops", 0))}
+    cur, peak = memory_allocated(device), max_memory_allocated(device)
+    return {"allocated_bytes.all.current": cur, "allocated_bytes.all.peak": peak,
+            "reserved_bytes.all.current": cur, "reserved_bytes.all.peak": peak}
+
+
+def server_memory_stats(device: Any = None) -> dict[str, int]:
+    """The server's own ledger for this session (a round trip): allocated, peak, limit."""
+    return {k: int(v) for k, v in _stats(device).items()}
 
 
 def empty_cache() -> None:
@@ -321,7 +328,8 @@ def empty_cache() -> None:
 
 
 def reset_peak_memory_stats(device: Any = None) -> None:
-    """Peaks are kept by the server per session; a reset is recorded as a no-op."""
+    idx = _index(device)
+    frontend.peak_bytes[idx] = frontend.used_bytes.get(idx, 0)
 
 
 def manual_seed(seed: int) -> None:

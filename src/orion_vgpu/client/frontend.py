@@ -92,15 +92,53 @@ class RemoteTensor(torch.Tensor):
 
 _saved_cuda: dict[int, int] = {}
 _make = torch.Tensor._make_wrapper_subclass
+# Bytes of live storages per vGPU, as the program holds them: instant memory_allocated()
+# and an OutOfMemoryError at the offending line (the server's ledger stays authoritative).
+used_bytes: dict[int, int] = {}
+peak_bytes: dict[int, int] = {}
+
+
+class Storage:
+    """Shared by a tensor and its views; gives its bytes back when the last one dies."""
+
+    __slots__ = ("nbytes", "dev")
+
+    def __init__(self, nbytes: int, dev: int) -> None:
+        self.nbytes = nbytes
+        self.dev = dev
+        used = used_bytes.get(dev, 0) + nbytes
+        used_bytes[dev] = used
+        if used > peak_bytes.get(dev, 0):
+            peak_bytes[dev] = used
+
+    def __del__(self) -> None:
+        try:
+            used_bytes[self.dev] = used_bytes.get(self.dev, 0) - self.nbytes
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def check_quota(dev: int, nbytes: int) -> None:
+    if nbytes <= 0:
+        return
+    limit = get_runtime().quota(dev)
+    used = used_bytes.get(dev, 0)
+    if limit and used + nbytes > limit:
+        mib = 1 << 20
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate {nbytes / mib:.2f} MiB. vGPU {dev} has a "
+            f"total capacity of {limit / mib:.2f} MiB of which {(limit - used) / mib:.2f} MiB is "
+            f"free (ORION_GMEM quota). Ask for a larger ORION_GMEM or use less memory.")
 
 
 def wrap(size: Any, stride: Any, offset: int, dtype: torch.dtype, dev: int,
-         handle: int) -> RemoteTensor:
+         handle: int, storage: Storage | None = None) -> RemoteTensor:
     t = _make(RemoteTensor, size, stride, offset, dtype=dtype, device=META)
     t._h = handle
     t._dev = dev
     t._ext = codec.handle_ext(handle)
     t._key = (tuple(size), tuple(stride), offset, dtype)
+    t._st = storage
     return t
 
 
@@ -211,12 +249,14 @@ def op_id(func: Any) -> int:
 class _OutSpec:
     """How to build an op's outputs from its inputs, computed once per cache key."""
 
-    __slots__ = ("kind", "items", "n_new")
+    __slots__ = ("kind", "items", "fresh_bytes")
 
-    def __init__(self, kind: str, items: list, n_new: int) -> None:
+    def __init__(self, kind: str, items: list, fresh_bytes: int) -> None:
         self.kind = kind      # "tensor", "tuple", "list", "none"
-        self.items = items    # per item: ("new", size, stride, offset, dtype) | ("alias", i)
-        self.n_new = n_new    # | ("none",) | ("list", [items]) | ("value", v)
+        # per item: ("new", size, stride, offset, dtype, view_of_input | -1, nbytes)
+        #           | ("alias", i) | ("none",) | ("list", [items]) | ("value", v)
+        self.items = items
+        self.fresh_bytes = fresh_bytes  # bytes of new storages the op allocates
 
 
 def _to_meta(a: Any) -> Any:
@@ -270,16 +310,23 @@ def _collect_tensors(seq: Any) -> list:
 
 
 def _spec_of(out: Any, minputs: list) -> Any:
-    n_new = 0
+    fresh = 0
+    in_storages = [mi.untyped_storage()._cdata for mi in minputs]
 
     def item(o: Any) -> tuple:
-        nonlocal n_new
+        nonlocal fresh
         if isinstance(o, torch.Tensor):
             for i, mi in enumerate(minputs):
                 if o is mi:
                     return ("alias", i)
-            n_new += 1
-            return ("new", tuple(o.shape), tuple(o.stride()), o.storage_offset(), o.dtype)
+            st = o.untyped_storage()
+            try:
+                view_of = in_storages.index(st._cdata)
+            except ValueError:
+                view_of = -1
+                fresh += st.nbytes()
+            return ("new", tuple(o.shape), tuple(o.stride()), o.storage_offset(), o.dtype,
+                    view_of, st.nbytes())
         if o is None:
             return ("none",)
         if isinstance(o, (list, tuple)):
@@ -287,12 +334,12 @@ def _spec_of(out: Any, minputs: list) -> Any:
         return ("value", o)
 
     if isinstance(out, torch.Tensor):
-        return _OutSpec("tensor", [item(out)], n_new)
+        return _OutSpec("tensor", [item(out)], fresh)
     if isinstance(out, (tuple, list)):
         items = [item(o) for o in out]
         if any(i[0] == "value" for i in items):
             return _SYNC
-        return _OutSpec("tuple" if isinstance(out, tuple) else "list", items, n_new)
+        return _OutSpec("tuple" if isinstance(out, tuple) else "list", items, fresh)
     if out is None:
         return _OutSpec("none", [], 0)
     return _SYNC  # a plain value comes from the server
@@ -304,7 +351,9 @@ def _build(spec: _OutSpec, inputs: list, dev: int, outs: list[int]) -> Any:
         if tag == "new":
             h = _next_handle()
             outs.append(h)
-            return wrap(it[1], it[2], it[3], it[4], dev, h)
+            view_of = it[5]
+            st = inputs[view_of]._st if view_of >= 0 else Storage(it[6], dev)
+            return wrap(it[1], it[2], it[3], it[4], dev, h, st)
         if tag == "alias":
             outs.append(0)
             return inputs[it[1]]
@@ -350,6 +399,8 @@ def generic(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> An
         _drain_frees()
     if spec is _SYNC:
         return _call_sync(conn, oid, enc_args, enc_kw, dev)
+    if spec.fresh_bytes:
+        check_quota(dev, spec.fresh_bytes)
     outs: list[int] = []
     result = _build(spec, walk.inputs, dev, outs)
     conn.push([m.CMD_OP, oid, enc_args, enc_kw, outs])
@@ -363,7 +414,8 @@ def _call_sync(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int) -> Any
     values, metas = reply[1], reply[2]
     tensors = []
     for h, (shape, stride, offset, dtype) in zip(pre, metas, strict=False):
-        tensors.append(wrap(shape, stride, offset, dtype, dev, h))
+        nbytes = _nbytes(shape, stride, offset, dtype)
+        tensors.append(wrap(shape, stride, offset, dtype, dev, h, Storage(nbytes, dev)))
     unused = pre[len(metas):]
     conn.frees.extend(unused)
     if not tensors:
@@ -374,14 +426,23 @@ def _call_sync(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int) -> Any
 
 
 # --------------------------------------------------------------------------- transfers
+def _nbytes(shape: Any, stride: Any, offset: int, dtype: torch.dtype) -> int:
+    if any(s == 0 for s in shape):
+        return 0
+    span = offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+    return span * torch.empty((), dtype=dtype).element_size()
+
+
 def upload(t: torch.Tensor, dev: int) -> RemoteTensor:
     t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()
-    h = _next_handle()
+    nbytes = t.numel() * t.element_size()
     conn = get_runtime().conn(dev)
+    check_quota(dev, nbytes)
+    h = _next_handle()
     conn.upload(h, t)
-    return wrap(t.shape, t.stride(), 0, t.dtype, dev, h)
+    return wrap(t.shape, t.stride(), 0, t.dtype, dev, h, Storage(nbytes, dev))
 
 
 def fetch(t: RemoteTensor) -> torch.Tensor:

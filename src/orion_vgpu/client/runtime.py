@@ -133,6 +133,10 @@ class Runtime:
         log.addHandler(h)
         log.setLevel(logging.INFO)
 
+    def quota(self, dev: int) -> int:
+        """Bytes granted on vGPU ``dev`` (ORION_GMEM), from the server's welcome."""
+        return int(self.conn(dev).welcome["device"]["total_memory"])
+
     def seed(self, dev: int, seed: int) -> None:
         self.seeds[dev] = seed
         if self.alloc is not None and dev < len(self.conns):

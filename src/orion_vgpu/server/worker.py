@@ -120,7 +120,7 @@ class Session:
         while True:
             try:
                 body, self.payload_left = frames.recv_frame(self.conn)
-            except frames.PeerClosed:
+            except (frames.PeerClosed, ConnectionResetError):
                 return "client disconnected"
             except frames.FrameError as exc:
                 self._reply_error("ProtocolError", str(exc))
@@ -350,6 +350,17 @@ def _setup_log(path: str | None) -> None:
         log.addHandler(h)
 
 
+def _watch_manager(control: Control) -> None:
+    """A session must not outlive its daemon: no one would report or reap it."""
+    try:
+        while control.sock.recv(4096):
+            pass
+    except OSError:
+        pass
+    log.info("oriond went away; ending the session")
+    os._exit(3)
+
+
 def _stats_loop(session: Session, control: Control, stop: threading.Event) -> None:
     while not stop.wait(STATS_INTERVAL_S):
         control.send(session.stats())
@@ -357,6 +368,7 @@ def _stats_loop(session: Session, control: Control, stop: threading.Event) -> No
 
 def run(control_fd: int) -> int:
     control = Control(socket.socket(fileno=control_fd))
+    control.send({"type": "ready"})  # torch is imported: prefer this worker for the next client
     spec, conn = control.receive_session()
     _setup_log(spec.get("log_file"))
     conn.setblocking(True)
@@ -367,6 +379,7 @@ def run(control_fd: int) -> int:
         _cap_process_memory(spec)
         session.welcome()
         threading.Thread(target=_stats_loop, args=(session, control, stop), daemon=True).start()
+        threading.Thread(target=_watch_manager, args=(control,), daemon=True).start()
         reason = session.serve()
     except Exception as exc:  # the worker must always report why the session ended
         reason = f"worker error: {type(exc).__name__}: {exc}"

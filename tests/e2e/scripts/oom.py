@@ -9,3 +9,10 @@ try:
 except torch.cuda.OutOfMemoryError as exc:
     print("RESULT oom", type(exc).__name__, str(exc).splitlines()[0][:60])
 print("RESULT after", (x * 2).sum().item())
+# The OOM is raised at the offending line, as on a GPU, so a program can catch it there.
+before = torch.cuda.memory_allocated()
+try:
+    torch.randn(128, 1024, 1024, device="cuda")
+    print("RESULT late")
+except torch.cuda.OutOfMemoryError:
+    print("RESULT caught-at-line", torch.cuda.memory_allocated() == before)
