@@ -30,6 +30,7 @@ class Settings:
     token: str | None = None
     log_dir: Path | None = None
     shm_path: str | None = None
+    use_shm: bool = True
     wait_s: float = 0.0
 
     @classmethod
@@ -39,11 +40,12 @@ class Settings:
             cfg = load_client_config()
         except ConfigError as exc:
             raise OrionError(str(exc)) from None
-        shm = os.environ.get("ORION_SHM")
+        shm = os.environ.get("ORION_SHM", "").strip()
         return cls(controller_addr=str(cfg.controller_addr), vgpu=int(cfg.vgpu or 1),
                    gmem_mib=cfg.gmem_mib, ratio=cfg.ratio, cross_node=bool(cfg.cross_node),
                    enable_net=bool(cfg.enable_net), token=getattr(cfg, "token", None),
                    log_dir=getattr(cfg, "log_dir", None), shm_path=shm or None,
+                   use_shm=shm.lower() not in ("0", "off", "false", "no"),
                    wait_s=float(os.environ.get("ORION_WAIT", "0") or 0))
 
 
@@ -105,7 +107,9 @@ class Runtime:
         atexit.register(self.shutdown)
         try:
             for v in alloc["vgpus"]:
-                self.conns.append(Connection(v, enable_net=s.enable_net, shm_path=s.shm_path))
+                shm_path = s.shm_path if s.use_shm else None
+                self.conns.append(Connection(v, enable_net=s.enable_net, use_shm=s.use_shm,
+                                             shm_path=shm_path))
         except BaseException:
             self.shutdown(quiet=True)
             raise
@@ -116,7 +120,8 @@ class Runtime:
         _say(f"Orion vGPU client runtime {__version__}: allocation {alloc['id']} granted "
              f"{len(self.conns)} vGPU: {places}")
         log.info("allocation %s started in %.1f ms via %s", alloc["id"],
-                 (time.perf_counter() - t0) * 1e3, ", ".join(c.where for c in self.conns))
+                 (time.perf_counter() - t0) * 1e3,
+                 ", ".join(f"{c.where} (shm {'yes' if c.arena else 'no'})" for c in self.conns))
 
     def _setup_log(self) -> None:
         d = self.settings.log_dir

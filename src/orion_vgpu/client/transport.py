@@ -191,7 +191,7 @@ class Connection:
         raw = t.reshape(-1).view(torch.uint8) if nbytes else None
         arena = self.arena
         if arena is not None and raw is not None and SHM_MIN_BYTES <= nbytes <= arena.ring_size:
-            if not self._ring_fits(nbytes):
+            if not arena.fits(nbytes):
                 self.flush()  # the server frees ring space only for commands it has seen
             pos = arena.reserve(nbytes)
             arena.ring_region(pos, nbytes).copy_(raw)
@@ -201,14 +201,6 @@ class Connection:
         if raw is not None:
             self.payload.append(memoryview(raw.numpy()))
         self.flush()  # the caller may modify its tensor right after .to("cuda") returns
-
-    def _ring_fits(self, nbytes: int) -> bool:
-        arena = self.arena
-        assert arena is not None
-        pos = arena.produced
-        if pos % arena.ring_size + nbytes > arena.ring_size:
-            pos += arena.ring_size - pos % arena.ring_size
-        return pos + nbytes - arena.consumed() <= arena.ring_size
 
     def fetch(self, handle: int) -> torch.Tensor:
         reply = self.request([m.CMD_FETCH, handle, None])

@@ -92,12 +92,21 @@ class Arena:
         return self._bytes[offset:offset + nbytes]
 
     # client side: reserve ring space for an upload, return its monotonic position
-    def reserve(self, nbytes: int, timeout: float = 60.0) -> int:
+    def place(self, nbytes: int) -> tuple[int, int]:
+        """Where an upload of ``nbytes`` goes, and how far the server must have consumed."""
         pos = self.produced
         if pos % self.ring_size + nbytes > self.ring_size:
             pos += self.ring_size - pos % self.ring_size  # skip the tail; never straddle
+        # The skipped tail held nothing, so only bytes actually produced must be consumed.
+        return pos, min(self.produced, pos + nbytes - self.ring_size)
+
+    def fits(self, nbytes: int) -> bool:
+        return self.consumed() >= self.place(nbytes)[1]
+
+    def reserve(self, nbytes: int, timeout: float = 60.0) -> int:
+        pos, need = self.place(nbytes)
         deadline = None
-        while pos + nbytes - self.consumed() > self.ring_size:
+        while self.consumed() < need:
             deadline = deadline or time.monotonic() + timeout
             if time.monotonic() > deadline:
                 raise ShmError("shared-memory ring stayed full: server not consuming")

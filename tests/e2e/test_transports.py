@@ -1,0 +1,52 @@
+"""Unix socket, TCP, shared memory and an `orion shm` arena all carry the same bytes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from e2e.cluster import client_env, run_script
+
+
+def _client_log(home: Path) -> str:
+    return "".join(p.read_text() for p in sorted((home / "log").glob("client-*.log")))
+
+
+@pytest.mark.parametrize(("net", "shm", "expect_where", "expect_shm"), [
+    ("0", "", "via unix:", "shm yes"),
+    ("1", "", "via 127.0.0.1:", "shm yes"),
+    ("1", "off", "via 127.0.0.1:", "shm no"),
+])
+def test_transfers_bit_exact(pool, tmp_path: Path, net: str, shm: str, expect_where: str,
+                             expect_shm: str) -> None:
+    ctl, _ = pool
+    home = tmp_path / "c"
+    env = client_env(ctl, home, ORION_ENABLE_NET=net, ORION_SHM=shm)
+    proc = run_script("transfer.py", env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("RESULT ok")
+    log = _client_log(home)
+    assert expect_where in log and expect_shm in log, log
+
+
+def test_orion_shm_arena_for_containers(pool, tmp_path: Path) -> None:
+    """A container that mounts only /dev/shm/orionsock<N> uses that file as its arena."""
+    ctl, _ = pool
+    shm_dir = Path("/dev/shm")
+    index = 900 + (hash(str(tmp_path)) % 90)
+    arena = shm_dir / f"orionsock{index}"
+    made = subprocess.run([sys.executable, "-m", "orion_vgpu.cli", "shm", "-i", str(index),
+                           "-s", "64"], capture_output=True, text=True)
+    try:
+        assert made.returncode == 0, made.stderr
+        assert arena.exists() and arena.stat().st_size == 64 << 20
+        home = tmp_path / "c"
+        env = client_env(ctl, home, ORION_SHM=str(arena), ORION_ENABLE_NET="1")
+        proc = run_script("transfer.py", env)
+        assert proc.returncode == 0, proc.stderr
+        assert "shm yes" in _client_log(home)
+    finally:
+        arena.unlink(missing_ok=True)
