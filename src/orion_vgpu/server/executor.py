@@ -125,6 +125,8 @@ class Executor:
         self.ledger = MemoryLedger(gmem_bytes)
         self.busy_s = 0.0
         self.n_ops = 0
+        # Compute-share enforcement (orion_vgpu.server.throttle); None = run freely.
+        self.throttle: Any = None
 
     # handles -----------------------------------------------------------------
     def resolve(self, handle: int) -> Any:
@@ -158,6 +160,9 @@ class Executor:
         if op is None:
             raise SessionError("RuntimeError", f"operator id {op_id} was never defined")
         _check_args(args, kwargs)
+        throttle = self.throttle
+        if throttle is not None:
+            throttle.before_op()
         t0 = time.perf_counter()
         try:
             result = op(*args, **kwargs)
@@ -168,8 +173,11 @@ class Executor:
                 raise SessionError("OutOfMemoryError", oom_message(0, self.ledger)) from None
             raise
         finally:
-            self.busy_s += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.busy_s += spent
             self.n_ops += 1
+            if throttle is not None:
+                throttle.after_op(spent)
         self._bind_outputs(result, outs, args)
         return result
 

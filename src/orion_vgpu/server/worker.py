@@ -24,6 +24,7 @@ from orion_vgpu.protocol import codec, frames
 from orion_vgpu.protocol import messages as m
 from orion_vgpu.protocol.shm import Arena, ShmError
 from orion_vgpu.server.executor import Executor, SessionError
+from orion_vgpu.server.throttle import make_throttle
 
 log = logging.getLogger("orion.session")
 STATS_INTERVAL_S = 1.0
@@ -65,6 +66,7 @@ class Session:
         self.control = control
         self.device = torch.device(spec["device"])
         self.ex = Executor(self.device, int(spec["gmem_bytes"]))
+        self.ex.throttle = make_throttle(spec)
         self.arena: Arena | None = None
         self.pending: SessionError | None = None
         self.unpacker = msgpack.Unpacker(
@@ -391,6 +393,8 @@ def run(control_fd: int) -> int:
                  spec.get("vgpu_index"), reason, session.ex.n_ops, session.ex.ledger.peak >> 20)
         control.send(session.stats())
         control.send({"type": "end", "reason": reason})
+        if session.ex.throttle is not None:
+            session.ex.throttle.close()
     return 0
 
 
