@@ -66,3 +66,15 @@ def test_cuda_api_surface(pool, tmp_path: Path) -> None:
     ctl, _ = pool
     out = _result(run_script("cuda_api.py", client_env(ctl, tmp_path / "c", ORION_GMEM="3000")))
     assert out[-1] == "RESULT ok"
+
+
+def test_two_vgpus_on_two_gpus(pool, tmp_path: Path) -> None:
+    """Seed 001: ORION_VGPU=2, ORION_GMEM=12000 on 16 GiB GPUs puts one vGPU on each card."""
+    ctl, _ = pool
+    env = client_env(ctl, tmp_path / "c", ORION_VGPU="2", ORION_GMEM="12000")
+    out = _result(run_script("multi_vgpu.py", env))
+    assert out[-1].startswith("RESULT ok")
+    allocs = ctl.get("/allocations", params={"state": "all"}).json()
+    allocs = allocs if isinstance(allocs, list) else allocs["allocations"]
+    gpus = {v["gpu_index"] for v in allocs[-1]["vgpus"]}
+    assert gpus == {0, 1}

@@ -81,7 +81,9 @@ def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
     idx = _cuda_index(device) if device is not None else None
     if idx is None:
         return func(*args, **kwargs)
-    if isinstance(self, RemoteTensor) and self._dev == idx:
+    if isinstance(self, RemoteTensor):
+        if self._dev != idx:
+            self = frontend.CrossDevice.apply(self, idx)
         return self if dtype in (None, self.dtype) else self.to(dtype)
     new_kwargs: dict[str, Any] = {"device": frontend.META}
     if dtype is not None:

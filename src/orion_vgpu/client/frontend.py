@@ -453,6 +453,24 @@ def fetch(t: RemoteTensor) -> torch.Tensor:
     return host
 
 
+def move(t: RemoteTensor, dev: int) -> RemoteTensor:
+    """A copy of ``t`` on vGPU ``dev`` (through this host; shared memory when local)."""
+    return upload(fetch(t), dev)
+
+
+class CrossDevice(torch.autograd.Function):
+    """``x.to("cuda:1")`` from cuda:0, differentiable like PyTorch's own device copies."""
+
+    @staticmethod
+    def forward(ctx: Any, x: RemoteTensor, dev: int) -> RemoteTensor:  # type: ignore[override]
+        ctx.src = x._dev
+        return move(x, dev)
+
+    @staticmethod
+    def backward(ctx: Any, grad: RemoteTensor) -> tuple[Any, None]:  # type: ignore[override]
+        return move(grad, ctx.src), None
+
+
 def _device_index(d: Any, default: int) -> int | None:
     if isinstance(d, torch.device):
         if d.type == "cpu":
@@ -488,7 +506,7 @@ def _copy_(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any
         with torch._C._DisableTorchDispatch():
             return dst.copy_(fetch(src))
     if dst._dev != src._dev:
-        tmp = upload(fetch(src), dst._dev)
+        tmp = move(src, dst._dev)
         return generic(func, (dst, tmp), kwargs, default_dev)
     return generic(func, args, kwargs, default_dev)
 

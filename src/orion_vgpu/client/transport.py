@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 from typing import Any
 
 import msgpack
@@ -44,6 +45,8 @@ class Connection:
         self.arena: Arena | None = None
         self.defined: set[int] = set()
         self.closed = False
+        # Programs may drive one vGPU from several threads (DataLoader pinning, DataParallel).
+        self.lock = threading.RLock()
         self._created_shm: str | None = None
         self._payload_left = 0
         own_arena = self._make_arena(use_shm, shm_path)
@@ -133,10 +136,11 @@ class Connection:
 
     # commands ----------------------------------------------------------------
     def push(self, cmd: list) -> None:
-        self.buf += self.packer.pack(cmd)
-        self.n_cmds += 1
-        if self.n_cmds >= FLUSH_OPS or len(self.buf) >= FLUSH_BYTES:
-            self.flush()
+        with self.lock:
+            self.buf += self.packer.pack(cmd)
+            self.n_cmds += 1
+            if self.n_cmds >= FLUSH_OPS or len(self.buf) >= FLUSH_BYTES:
+                self.flush()
 
     def define(self, op_id: int, name: str) -> None:
         if op_id not in self.defined:
@@ -159,10 +163,10 @@ class Connection:
 
     def request(self, cmd: list) -> list:
         """Send ``cmd`` (which asks for an answer) after everything queued; wait for it."""
-        self.buf += self.packer.pack(cmd)
-        self.flush()
-        reply = self._read_reply()
-        return reply
+        with self.lock:
+            self.buf += self.packer.pack(cmd)
+            self.flush()
+            return self._read_reply()
 
     def _read_reply(self) -> list:
         try:
@@ -183,6 +187,10 @@ class Connection:
 
     # bulk data ---------------------------------------------------------------
     def upload(self, handle: int, t: torch.Tensor) -> None:
+        with self.lock:
+            self._upload(handle, t)
+
+    def _upload(self, handle: int, t: torch.Tensor) -> None:
         t = t.detach().contiguous()
         nbytes = t.numel() * t.element_size()
         code = codec.DTYPE_CODE.get(t.dtype)
@@ -203,6 +211,10 @@ class Connection:
         self.flush()  # the caller may modify its tensor right after .to("cuda") returns
 
     def fetch(self, handle: int) -> torch.Tensor:
+        with self.lock:
+            return self._fetch(handle)
+
+    def _fetch(self, handle: int) -> torch.Tensor:
         reply = self.request([m.CMD_FETCH, handle, None])
         _, dtype, shape, nbytes, off = reply
         out = torch.empty(shape, dtype=dtype)
@@ -222,16 +234,18 @@ class Connection:
         return self.request([m.CMD_STATS])[1]
 
     def rng_state(self) -> torch.Tensor:
-        reply = self.request([m.CMD_RNG_GET])
-        state = torch.empty(int(reply[1]), dtype=torch.uint8)
-        frames.recv_exact_into(self.sock, memoryview(state.numpy()))
-        return state
+        with self.lock:
+            reply = self.request([m.CMD_RNG_GET])
+            state = torch.empty(int(reply[1]), dtype=torch.uint8)
+            frames.recv_exact_into(self.sock, memoryview(state.numpy()))
+            return state
 
     def set_rng_state(self, state: torch.Tensor) -> None:
         state = state.contiguous().view(torch.uint8)
-        self.buf += self.packer.pack([m.CMD_RNG_SET, state.numel()])
-        self.payload.append(memoryview(state.numpy()))
-        self.flush()
+        with self.lock:
+            self.buf += self.packer.pack([m.CMD_RNG_SET, state.numel()])
+            self.payload.append(memoryview(state.numpy()))
+            self.flush()
 
     def close(self) -> None:
         if self.closed:

@@ -1,0 +1,367 @@
+"""`orion up`: a whole pool on this machine in one foreground command.
+
+Starts a controller and an `oriond` as child processes sharing one pool token, with a
+generated `server.conf` in the data dir (emulated GPUs when there is no NVIDIA GPU),
+waits until the pool shows the GPUs, prints what a client needs, and stops both on
+Ctrl-C / SIGTERM. If a child dies, says which and exits non-zero. Children die with us
+(PR_SET_PDEATHSIG) even if we are killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from orion_vgpu.config import (
+    EmulatedGpus,
+    UserError,
+    format_mib,
+    orion_home,
+    parse_emulated_gpus,
+    parse_host_port,
+)
+from orion_vgpu.server.devices import probe_nvml
+from orion_vgpu.tools.controller_api import ControllerApi
+
+DEFAULT_EMULATED = "2x16GiB"
+START_TIMEOUT_S = 120.0  # the server imports torch; a loaded CI machine can take a while
+STOP_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    listen: str = "127.0.0.1:9123"
+    data_dir: Path | None = None
+    emulated_gpus: str | None = None
+    vgpu_count: int = 4
+    server_port: int = 9960
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `orion up` decided before starting anything."""
+
+    listen: str
+    client_addr: str  # what clients and the server dial (never 0.0.0.0)
+    data_dir: Path
+    server_port: int
+    vgpu_count: int
+    emulated: EmulatedGpus | None  # None: NVIDIA GPUs found
+    gpu_count: int
+    gpu_memory_mib: int
+    gpu_name: str
+    node_name: str
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "log"
+
+    @property
+    def controller_dir(self) -> Path:
+        return self.data_dir / "controller"
+
+    @property
+    def server_conf(self) -> Path:
+        return self.data_dir / "server.conf"
+
+
+def _parse(text: str, parse: Any, flag: str) -> Any:
+    try:
+        return parse(text)
+    except ValueError as bad:
+        raise UserError(f"{flag} {text}: expected {bad}") from None
+
+
+def make_plan(opts: UpOptions) -> Plan:
+    from orion_vgpu.config import ServerConfig
+
+    if not 1 <= opts.vgpu_count <= 64:
+        raise UserError(f"--vgpu-count {opts.vgpu_count}: expected an integer 1..64")
+    listen = _parse(opts.listen, parse_host_port, "--listen")
+    host, _, port = listen.rpartition(":")
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "[::]") else host
+    emulated = _parse(opts.emulated_gpus or DEFAULT_EMULATED, parse_emulated_gpus, "--emulated-gpus")
+    nvml = probe_nvml()
+    if nvml.devices:
+        first = nvml.devices[0]
+        gpus = (None, len(nvml.devices), first.memory_mib, first.name)
+    else:
+        from orion_vgpu.server.devices import emulated_name
+
+        gpus = (emulated, emulated.count, emulated.memory_mib, emulated_name(emulated.memory_mib))
+    return Plan(
+        listen=listen,
+        client_addr=f"{client_host}:{port}",
+        data_dir=(opts.data_dir or orion_home() / "up").expanduser().resolve(),
+        server_port=opts.server_port,
+        vgpu_count=opts.vgpu_count,
+        emulated=gpus[0],
+        gpu_count=gpus[1],
+        gpu_memory_mib=gpus[2],
+        gpu_name=gpus[3],
+        node_name=ServerConfig().name,
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def ensure_port_free(host: str, port: int, what: str, flag: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(
+                    f"port {port} on {host} is already in use (another {what} or `orion up` "
+                    f"running?); stop it or pass {flag} with a free port"
+                ) from None
+            raise UserError(f"cannot use {host}:{port} for the {what}: {exc.strerror}") from None
+
+
+def pool_token(controller_dir: Path) -> str:
+    """The pool's token in `<controller data dir>/pool_token` (0600), created once."""
+    controller_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = controller_dir / "pool_token"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as out:
+        token = secrets.token_urlsafe(32)
+        out.write(token + "\n")
+    return token
+
+
+def server_conf_text(plan: Plan) -> str:
+    lines = [
+        "; Generated by `orion up`; rewritten at every `orion up`.",
+        "[log]",
+        "    log_to_screen = false",
+        "    log_to_file = true",
+        f'    log_dir = "{plan.log_dir}"',
+        "[controller]",
+        f"    controller_addr = {plan.client_addr}",
+        f'    pool_token_file = "{plan.controller_dir / "pool_token"}"',
+        "[server]",
+        f"    vgpu_count = {plan.vgpu_count}",
+        "    bind_addr = 127.0.0.1",
+        f"    listen_port = {plan.server_port}",
+        "    enable_shm = true",
+        "    enable_rdma = false",
+        "    enable_kvm = false",
+    ]
+    if plan.emulated is not None:
+        lines.append(f"    emulated_gpus = {plan.emulated}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _die_with_parent(parent: int) -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arm() -> None:  # runs in the child between fork and exec
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # parent already gone before prctl took effect
+            os._exit(1)
+
+    return arm
+
+
+class Child:
+    def __init__(self, label: str, cmd: list[str], output: Path) -> None:
+        self.label = label
+        self.output = output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("ORION_POOL_TOKEN", "ORION_SERVER_CONF")}
+        with open(output, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
+                preexec_fn=_die_with_parent(os.getpid()),
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def exited(self) -> int | None:
+        return self.proc.poll()
+
+    def tail(self, lines: int = 8) -> str:
+        try:
+            text = self.output.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(f"  | {line}" for line in text[-lines:])
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class ChildDied(Exception):
+    def __init__(self, child: Child) -> None:
+        super().__init__(child.label)
+        self.child = child
+
+
+class Stopped(Exception):
+    """SIGINT/SIGTERM arrived."""
+
+
+# --------------------------------------------------------------------------- run
+
+
+class Up:
+    def __init__(self, plan: Plan, out: TextIO = sys.stdout) -> None:
+        self.plan = plan
+        self.out = out
+        self.children: list[Child] = []
+        self.stop_event = threading.Event()
+        self.signal_name = ""
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def run(self) -> int:
+        self._install_signals()
+        try:
+            self._start()
+            self._summary()
+            self._watch()
+            return 0
+        except Stopped:
+            return 0
+        except ChildDied as died:
+            child = died.child
+            self.say(f"orion up: {child.label} exited unexpectedly with status {child.exited()}; "
+                     f"see {child.output}")
+            tail = child.tail()
+            if tail:
+                self.say(tail)
+            return 1
+        finally:
+            self._stop_children()
+
+    def _install_signals(self) -> None:
+        def handler(signum: int, _frame: object) -> None:
+            self.signal_name = signal.Signals(signum).name
+            self.stop_event.set()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def _start(self) -> None:
+        plan = self.plan
+        host, _, port = plan.listen.rpartition(":")
+        ensure_port_free(host, int(port), "controller", "--listen")
+        ensure_port_free("127.0.0.1", plan.server_port, "Orion Server", "--server-port")
+        pool_token(plan.controller_dir)
+        plan.data_dir.mkdir(parents=True, exist_ok=True)
+        plan.server_conf.write_text(server_conf_text(plan))
+        self.children.append(Child("controller", [
+            sys.executable, "-m", "orion_vgpu.cli", "controller", "--listen", plan.listen,
+            "--data-dir", str(plan.controller_dir), "--log-file", str(plan.log_dir / "controller.log"),
+        ], plan.log_dir / "controller.out"))  # fmt: skip
+        self._wait("the controller to answer", self._controller_answers)
+        self.children.append(Child("Orion Server", [
+            sys.executable, "-m", "orion_vgpu.server", "--config", str(plan.server_conf),
+        ], plan.log_dir / "server.out"))  # fmt: skip
+        self._wait("the pool to show the GPUs", self._pool_ready)
+
+    def _controller_answers(self) -> bool:
+        with ControllerApi(self.plan.client_addr, timeout=1.0) as api:
+            try:
+                api.info()
+                return True
+            except UserError:
+                return False
+
+    def _pool_ready(self) -> bool:
+        with ControllerApi(self.plan.client_addr, timeout=1.0) as api:
+            try:
+                pool = api.pool()
+            except UserError:
+                return False
+        mine = [g for g in pool.get("gpus", []) if g.get("node_name") == self.plan.node_name]
+        return len(mine) >= self.plan.gpu_count
+
+    def _wait(self, what: str, ready: Any) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready():
+            self._check()
+            if time.monotonic() > deadline:
+                raise UserError(f"timed out after {START_TIMEOUT_S:.0f}s waiting for {what}; "
+                                f"see the logs in {self.plan.log_dir}")
+            self.stop_event.wait(0.2)
+
+    def _check(self) -> None:
+        if self.stop_event.is_set():
+            raise Stopped()
+        for child in self.children:
+            if child.exited() is not None:
+                raise ChildDied(child)
+
+    def _watch(self) -> None:
+        while True:
+            self._check()
+            self.stop_event.wait(0.5)
+
+    def _summary(self) -> None:
+        plan = self.plan
+        kind = "emulated: they run on the CPU" if plan.emulated else "NVIDIA"
+        per_vgpu = plan.gpu_memory_mib // plan.vgpu_count
+        self.say("Orion vGPU pool is up on this machine.")
+        self.say(f"  GPUs        {plan.gpu_count} x {plan.gpu_name} ({kind}), {plan.vgpu_count} vGPU each "
+                 f"= {plan.gpu_count * plan.vgpu_count} vGPU of {format_mib(per_vgpu)}")
+        self.say(f"  Controller  http://{plan.client_addr}/ (dashboard), API http://{plan.client_addr}/api/v1"
+                 f"  [pid {self.children[0].pid}]")
+        self.say(f"  Server      node {plan.node_name}, data plane 127.0.0.1:{plan.server_port}"
+                 f"  [pid {self.children[1].pid}]")
+        self.say(f"  Files       {plan.data_dir} (server.conf, controller/), logs in {plan.log_dir}")
+        self.say("Run a PyTorch program on a vGPU (in another shell):")
+        self.say(f"  export ORION_CONTROLLER={plan.client_addr} ORION_VGPU=1 ORION_GMEM={per_vgpu}")
+        self.say("  python train.py")
+        self.say("See the pool: orion smi    Diagnose: orion check runtime client")
+        self.say("Press Ctrl-C to stop.")
+
+    def _stop_children(self) -> None:
+        if not self.children:
+            return
+        why = f" ({self.signal_name})" if self.signal_name else ""
+        self.say(f"Stopping{why} ...")
+        # Server first, so it can tell the controller its sessions ended.
+        for child in reversed(self.children):
+            child.stop()
+        self.say("Orion Server and controller stopped.")
+
+
+def run_up(opts: UpOptions) -> int:
+    return Up(make_plan(opts)).run()
