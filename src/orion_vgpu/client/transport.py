@@ -71,6 +71,7 @@ class Connection:
                              f"{vgpu.get('index', 0)} ({exc}); check the server's bind_addr/"
                              "listen_port and firewall (orion check runtime server)") from None
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _keepalive(s)
         return self._tune(s)
 
     @staticmethod
@@ -261,6 +262,18 @@ class Connection:
         finally:
             if self.arena is not None:
                 self.arena.close()
+
+
+KEEPALIVE_IDLE_S = int(os.environ.get("ORION_KEEPALIVE_S", "10"))
+
+
+def _keepalive(s: socket.socket) -> None:
+    """A cut network must end in an error, not a hang: probe an idle link and give up."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", 2),
+                       ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", (KEEPALIVE_IDLE_S + 6) * 1000)):
+        if hasattr(socket, opt):
+            s.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
 def _user() -> str:
