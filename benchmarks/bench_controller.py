@@ -42,7 +42,7 @@ def free_port() -> int:
 def start_controller(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [sys.executable, "-m", "orion_vgpu.controller", "--listen", f"127.0.0.1:{port}",
-           "--data-dir", str(data_dir)]  # fmt: skip
+           "--data-dir", str(data_dir), "--auth", "open"]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

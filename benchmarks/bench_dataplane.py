@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -28,18 +29,30 @@ def run(env: dict[str, str], *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def paired(local_env: dict[str, str], remote_env: dict[str, str], args: tuple[str, ...],
+           field: str, repeat: int) -> tuple[float, float]:
+    """Medians of alternating local and remote runs, so both see the same machine state."""
+    loc, rem = [], []
+    for _ in range(repeat):
+        loc.append(run(local_env, *args)[field])
+        rem.append(run(remote_env, *args)[field])
+    return statistics.median(loc), statistics.median(rem)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", type=int, default=20000)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=3, help="alternating local/remote runs")
     a = ap.parse_args()
     local_env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
     with local_pool() as env:
-        rows = []
-        lt, rt = run(local_env, "tiny", str(a.ops)), run(env, "tiny", str(a.ops))
-        rows.append(("tiny in-place op (us/op)", lt["us_per_op"], rt["us_per_op"]))
-        lc, rc = run(local_env, "cnn", str(a.steps)), run(env, "cnn", str(a.steps))
-        rows.append(("CNN train step b64 32x32 (ms)", lc["ms_per_step"], rc["ms_per_step"]))
+        rows = [
+            ("tiny in-place op (us/op)",
+             *paired(local_env, env, ("tiny", str(a.ops)), "us_per_op", a.repeat)),
+            ("CNN train step b64 32x32 (ms)",
+             *paired(local_env, env, ("cnn", str(a.steps)), "ms_per_step", a.repeat)),
+        ]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}; remote = vGPU on an emulated GPU (CPU)")
     print(f"{'workload':34} {'local':>10} {'remote':>10} {'ratio':>7}")

@@ -34,15 +34,25 @@ def _wait(url: str, pred, timeout: float = 30.0) -> None:  # noqa: ANN001
     raise TimeoutError(url)
 
 
+def pool_dir(env: dict[str, str]) -> Path:
+    """The pool's scratch directory (``log/`` holds server.log and ``session/``)."""
+    return Path(env["ORION_HOME"]).parent
+
+
 @contextmanager
-def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4) -> Iterator[dict[str, str]]:
-    """Yield the environment a client needs; everything is killed on exit."""
+def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
+               throttle_level: int | None = None) -> Iterator[dict[str, str]]:
+    """Yield the environment a client needs; everything is killed on exit.
+
+    ``throttle_level`` writes ``[throttle] throttle_level`` into server.conf.
+    """
     tmp = Path(tempfile.mkdtemp(prefix="orion-bench-"))
     cport, sport = _port(), _port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
     env = dict(base, ORION_HOME=str(tmp / "home"))
     procs = [subprocess.Popen([sys.executable, "-m", "orion_vgpu.controller", "--listen",
-                               f"127.0.0.1:{cport}", "--data-dir", str(tmp / "ctl")],
+                               f"127.0.0.1:{cport}", "--data-dir", str(tmp / "ctl"),
+                               "--auth", "open"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         _wait(f"http://127.0.0.1:{cport}/api/v1/info", lambda d: True)
@@ -52,7 +62,9 @@ def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4) -> Iterator[dict[
                         f"[controller]\n    controller_addr = 127.0.0.1:{cport}\n"
                         f"    pool_token = {token}\n[server]\n    name = bench-node\n"
                         f"    emulated_gpus = {emulated}\n    vgpu_count = {vgpu_count}\n"
-                        f"    listen_port = {sport}\n    unix_socket = {tmp / 'oriond.sock'}\n")
+                        f"    listen_port = {sport}\n    unix_socket = {tmp / 'oriond.sock'}\n"
+                        + ("" if throttle_level is None
+                           else f"[throttle]\n    throttle_level = {throttle_level}\n"))
         procs.append(subprocess.Popen([sys.executable, "-m", "orion_vgpu.server", "--config",
                                        str(conf)], env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL))
