@@ -173,6 +173,36 @@ class _Walk:
         self.host_target = False
         self.value_keyed = value_keyed
 
+    def enc_seq(self, seq: Any) -> tuple[list, tuple]:
+        """The hot path: flat argument lists of tensors and plain scalars, no recursion."""
+        encs = []
+        keys = []
+        value_keyed = self.value_keyed
+        for a in seq:
+            t = type(a)
+            if t is RemoteTensor:
+                d = a._dev
+                if self.dev != d:
+                    if self.dev is not None:
+                        raise RuntimeError("Expected all tensors to be on the same device, but "
+                                           f"found at least two devices, cuda:{self.dev} and "
+                                           f"cuda:{d}!")
+                    self.dev = d
+                self.inputs.append(a)
+                encs.append(a._ext)
+                keys.append(a._key)
+            elif t is int or t is bool or a is None:
+                encs.append(a)
+                keys.append(a)
+            elif t is float and not value_keyed:
+                encs.append(a)
+                keys.append(float)
+            else:
+                e, k = self.enc(a)
+                encs.append(e)
+                keys.append(k)
+        return encs, tuple(keys)
+
     def enc(self, a: Any) -> tuple[Any, Any]:
         if isinstance(a, RemoteTensor):
             d = a._dev
@@ -186,13 +216,7 @@ class _Walk:
         if isinstance(a, torch.Tensor):
             return self._host_tensor(a)
         if isinstance(a, (list, tuple)):
-            encs = []
-            keys = []
-            for x in a:
-                e, k = self.enc(x)
-                encs.append(e)
-                keys.append(k)
-            return encs, tuple(keys)
+            return self.enc_seq(a)
         if isinstance(a, float) and not self.value_keyed:
             return a, float
         if isinstance(a, torch.device):
@@ -379,7 +403,7 @@ def dispatch(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> A
 
 def generic(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
     walk = _Walk(None, func in _VALUE_KEYED)
-    enc_args, akey = walk.enc(args)
+    enc_args, akey = walk.enc_seq(args)
     enc_kw, kkey = walk.enc_kwargs(kwargs)
     dev = walk.dev if walk.dev is not None else default_dev
     if dev is None:
@@ -547,6 +571,12 @@ class FactoryMode(TorchDispatchMode):
     def __init__(self, dev: int) -> None:
         super().__init__()
         self.dev = dev
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # The default wraps __torch_dispatch__ with torch._disable_dynamo, whose first call
+        # imports all of torch._dynamo (seconds of start-up); nothing here is compiled.
+        return False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
