@@ -78,3 +78,9 @@ def test_two_vgpus_on_two_gpus(pool, tmp_path: Path) -> None:
     allocs = allocs if isinstance(allocs, list) else allocs["allocations"]
     gpus = {v["gpu_index"] for v in allocs[-1]["vgpus"]}
     assert gpus == {0, 1}
+
+
+def test_errors_have_pytorch_types_and_session_continues(pool, tmp_path: Path) -> None:
+    ctl, _ = pool
+    out = _result(run_script("errors.py", client_env(ctl, tmp_path / "c")))
+    assert out == ["RESULT shape True", "RESULT index True", "RESULT after 24.0"], out
