@@ -84,3 +84,15 @@ def test_errors_have_pytorch_types_and_session_continues(pool, tmp_path: Path) -
     ctl, _ = pool
     out = _result(run_script("errors.py", client_env(ctl, tmp_path / "c")))
     assert out == ["RESULT shape True", "RESULT index True", "RESULT after 24.0"], out
+
+
+def test_data_parallel_matches_single_device(pool, tmp_path: Path) -> None:
+    ctl, _ = pool
+    local = _result(run_local("data_parallel.py"))[-1].split()
+    env = client_env(ctl, tmp_path / "c", ORION_VGPU="2", ORION_GMEM="2048")
+    proc = run_script("data_parallel.py", env)
+    remote = _result(proc)[-1].split()
+    assert remote[1] == "2" and local[1] == "1"
+    assert abs(float(remote[2]) - float(local[2])) < 1e-5
+    assert abs(float(remote[3]) - float(local[3])) < 1e-4
+    assert "Warning" not in proc.stderr

@@ -8,6 +8,7 @@ that answer for the granted vGPUs, and installs a torch-function mode that sends
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 import torch
@@ -57,21 +58,22 @@ class VGPUMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# Built from Python data below every dispatch mode: build on the host, then upload.
+_HOST_BUILT = frozenset({torch.tensor, torch.as_tensor, torch.asarray})
+
+
 def _create(func: Any, args: tuple, kwargs: dict, idx: int) -> Any:
     kwargs = dict(kwargs)
-    kwargs["device"] = frontend.META
+    if func in _HOST_BUILT:
+        kwargs["device"] = "cpu"
+        requires_grad = kwargs.pop("requires_grad", False)
+        out = frontend.upload(func(*args, **kwargs), idx)
+        return out.requires_grad_(True) if requires_grad else out
+    kwargs["device"] = frontend.META_DEV[idx]
     if kwargs.get("pin_memory"):
         kwargs["pin_memory"] = False
     with FactoryMode(idx):
-        out = func(*args, **kwargs)
-    if isinstance(out, torch.Tensor) and not isinstance(out, RemoteTensor) and out.is_meta:
-        # torch.tensor()/as_tensor() build their result below every mode: build on the host.
-        kwargs["device"] = "cpu"
-        host = func(*args, **kwargs)
-        out = frontend.upload(host, idx)
-        if host.requires_grad:
-            out.requires_grad_(True)
-    return out
+        return func(*args, **kwargs)
 
 
 def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
@@ -85,7 +87,7 @@ def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
         if self._dev != idx:
             self = frontend.CrossDevice.apply(self, idx)
         return self if dtype in (None, self.dtype) else self.to(dtype)
-    new_kwargs: dict[str, Any] = {"device": frontend.META}
+    new_kwargs: dict[str, Any] = {"device": frontend.META_DEV[idx]}
     if dtype is not None:
         new_kwargs["dtype"] = dtype
     if memfmt is not None:
@@ -198,7 +200,11 @@ _TF_SPECIAL: dict[Any, Any] = {
 
 
 # --------------------------------------------------------------------------- torch.cuda
-_current = 0
+class _Current(threading.local):
+    index = 0  # each thread has its own current device, as with CUDA
+
+
+_cur = _Current()
 
 
 def is_available() -> bool:
@@ -210,15 +216,14 @@ def device_count() -> int:
 
 
 def current_device() -> int:
-    return _current
+    return _cur.index
 
 
 def set_device(device: Any) -> None:
-    global _current
     idx = _cuda_index(device)
     if idx is not None and idx >= 0:
         _check_index(idx)
-        _current = idx
+        _cur.index = idx
 
 
 def _check_index(idx: int) -> None:
@@ -228,11 +233,10 @@ def _check_index(idx: int) -> None:
 
 
 def _exchange_device(idx: int) -> int:
-    global _current
-    prev = _current
+    prev = _cur.index
     if idx >= 0:
         _check_index(idx)
-        _current = idx
+        _cur.index = idx
     return prev
 
 
@@ -391,6 +395,12 @@ class Stream:
     def is_capturing(self) -> bool:
         return False
 
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Stream) and other.device == self.device
 
@@ -481,8 +491,9 @@ def activate() -> None:
                 setattr(mod, name, fn)
     _patch_accelerator()
     torch.__future__.set_swap_module_params_on_conversion(True)
-    from orion_vgpu.client import checkpoint
+    from orion_vgpu.client import checkpoint, parallel
     checkpoint.install()
+    parallel.install()
     from orion_vgpu.client.errors import install_excepthook
     install_excepthook()
     VGPUMode().__enter__()  # stays on for the life of the process
@@ -500,3 +511,13 @@ def _patch_accelerator() -> None:
     for name, fn in funcs.items():
         if hasattr(acc, name):
             setattr(acc, name, fn)
+    # torch.accelerator's context managers call these directly.
+    c_funcs = {"_accelerator_exchangeDevice": _exchange_device,
+               "_accelerator_maybeExchangeDevice": _exchange_device,
+               "_accelerator_getDeviceIndex": current_device,
+               "_accelerator_setDeviceIndex": set_device,
+               "_accelerator_getStream": current_stream,
+               "_accelerator_synchronizeDevice": synchronize}
+    for name, fn in c_funcs.items():
+        if hasattr(torch._C, name):
+            setattr(torch._C, name, fn)

@@ -22,6 +22,9 @@ from orion_vgpu.protocol import messages as m
 
 aten = torch.ops.aten
 META = torch.device("meta")
+# A vGPU tensor's C++ device is meta:N, so autograd keeps track of which vGPU a gradient
+# belongs to (e.g. the backward of a cross-device copy goes back to the right one).
+META_DEV = [torch.device("meta", i) for i in range(64)]
 _next_handle = itertools.count(1).__next__
 _op_ids: dict[Any, int] = {}
 _op_names: dict[int, str] = {}
@@ -133,7 +136,7 @@ def check_quota(dev: int, nbytes: int) -> None:
 
 def wrap(size: Any, stride: Any, offset: int, dtype: torch.dtype, dev: int,
          handle: int, storage: Storage | None = None) -> RemoteTensor:
-    t = _make(RemoteTensor, size, stride, offset, dtype=dtype, device=META)
+    t = _make(RemoteTensor, size, stride, offset, dtype=dtype, device=META_DEV[dev])
     t._h = handle
     t._dev = dev
     t._ext = codec.handle_ext(handle)
@@ -495,12 +498,11 @@ class CrossDevice(torch.autograd.Function):
         return move(grad, ctx.src), None
 
 
-def _device_index(d: Any, default: int) -> int | None:
-    if isinstance(d, torch.device):
-        if d.type == "cpu":
-            return None
-        return default if d.index is None else d.index
-    return default
+def _target_index(target: Any, default: int | None) -> int | None:
+    """The vGPU a device argument names: meta:N / cuda:N is N; a bare one means the default."""
+    if target is None or target.index is None:
+        return default
+    return target.index
 
 
 def _to_copy(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
@@ -512,10 +514,15 @@ def _to_copy(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> A
         if dtype is not None and dtype != host.dtype:
             host = host.to(dtype)
         return host
+    if isinstance(src, RemoteTensor):
+        idx = _target_index(target, src._dev)
+        if idx != src._dev:
+            moved = move(src, idx)
+            return moved if dtype in (None, moved.dtype) else moved.to(dtype)
     if not isinstance(src, RemoteTensor):
-        dev = default_dev if default_dev is not None else 0
+        dev = _target_index(target, default_dev)
         host = src if dtype is None else src.to(dtype)
-        return upload(host, dev)
+        return upload(host, 0 if dev is None else dev)
     return generic(func, args, kwargs, default_dev)
 
 
@@ -596,3 +603,4 @@ def _repr(t: RemoteTensor) -> str:
     elif t.requires_grad:
         suffix.append("requires_grad=True")
     return text[:-1] + ", " + ", ".join(suffix) + ")"
+
