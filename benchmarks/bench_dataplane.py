@@ -30,12 +30,15 @@ def run(env: dict[str, str], *args: str) -> dict:
 
 
 def paired(local_env: dict[str, str], remote_env: dict[str, str], args: tuple[str, ...],
-           field: str, repeat: int) -> tuple[float, float]:
-    """Medians of alternating local and remote runs, so both see the same machine state."""
+           field: str, repeat: int, remote_args: tuple[str, ...] | None = None
+           ) -> tuple[float, float]:
+    """Medians of alternating local and remote runs, so both see the same machine state.
+
+    The local side always runs eagerly (``args``); ``remote_args`` may differ (graphs)."""
     loc, rem = [], []
     for _ in range(repeat):
         loc.append(run(local_env, *args)[field])
-        rem.append(run(remote_env, *args)[field])
+        rem.append(run(remote_env, *(remote_args or args))[field])
     return statistics.median(loc), statistics.median(rem)
 
 
@@ -50,6 +53,11 @@ def main() -> None:
         rows = [
             ("tiny in-place op (us/op)",
              *paired(local_env, env, ("tiny", str(a.ops)), "us_per_op", a.repeat)),
+            ("MLP 4x64 step, eager (ms)",
+             *paired(local_env, env, ("mlp", "100"), "ms_per_step", a.repeat)),
+            ("MLP 4x64 step, graph replay (ms)",
+             *paired(local_env, env, ("mlp", "100"), "ms_per_step", a.repeat,
+                     remote_args=("mlp_graph", "100"))),
             ("CNN train step b64 32x32 (ms)",
              *paired(local_env, env, ("cnn", str(a.steps)), "ms_per_step", a.repeat)),
         ]

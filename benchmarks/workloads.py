@@ -66,8 +66,49 @@ def cnn_step(steps: int) -> dict:
     return {"ms_per_step": statistics.median(times) * 1e3}
 
 
+def mlp_step(steps: int, graph: bool = False) -> dict:
+    """4-layer MLP of width 64: forward, backward, Adam step (op-bound)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(64, 64), nn.ReLU()]
+    model = nn.Sequential(*layers).to(DEV)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graph)
+    x, y = torch.randn(32, 64).to(DEV), torch.randn(32, 64).to(DEV)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(3):
+        step()
+    run = step
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(g):
+            static = step()
+        run = lambda: (g.replay(), static)[1]  # noqa: E731
+    sync_every = 20
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            loss = run()
+            if (i + 1) % sync_every == 0:
+                loss.item()
+        loss.item()
+        times.append((time.perf_counter() - t0) / steps)
+    return {"ms_per_step": statistics.median(times) * 1e3}
+
+
 if __name__ == "__main__":
     kind, n = sys.argv[1], int(sys.argv[2])
-    out = tiny_ops(n) if kind == "tiny" else cnn_step(n)
+    kinds = {"tiny": tiny_ops, "cnn": cnn_step, "mlp": mlp_step,
+             "mlp_graph": lambda k: mlp_step(k, graph=True)}
+    out = kinds[kind](n)
     out["device"] = DEV
     print(json.dumps(out))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from orion_vgpu.client import autocast, frontend
+from orion_vgpu.client import autocast, frontend, graphs
 from orion_vgpu.client.frontend import FactoryMode, RemoteTensor
 from orion_vgpu.client.runtime import get_runtime
 
@@ -393,7 +393,7 @@ class Stream:
         return True
 
     def is_capturing(self) -> bool:
-        return False
+        return graphs.is_current_stream_capturing()
 
     def __enter__(self) -> Stream:
         return self
@@ -470,7 +470,10 @@ _CUDA_FUNCS = {
     "current_stream": current_stream, "default_stream": default_stream, "stream": stream,
     "is_bf16_supported": is_bf16_supported, "is_initialized": lambda: True,
     "init": lambda: None, "_lazy_init": lambda: None,
-    "is_current_stream_capturing": lambda: False,
+    "is_current_stream_capturing": graphs.is_current_stream_capturing,
+    "CUDAGraph": graphs.CUDAGraph, "graph": graphs.graph,
+    "graph_pool_handle": graphs.graph_pool_handle,
+    "make_graphed_callables": graphs.make_graphed_callables,
 }
 
 
@@ -481,12 +484,13 @@ def activate() -> None:
         return
     _active = True
     import torch.cuda
+    import torch.cuda.graphs
     import torch.cuda.memory
     import torch.cuda.random
 
     for name, fn in _CUDA_FUNCS.items():
         setattr(torch.cuda, name, fn)
-        for mod in (torch.cuda.memory, torch.cuda.random):
+        for mod in (torch.cuda.memory, torch.cuda.random, torch.cuda.graphs):
             if hasattr(mod, name):
                 setattr(mod, name, fn)
     _patch_accelerator()

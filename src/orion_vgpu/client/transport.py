@@ -45,6 +45,8 @@ class Connection:
         self.arena: Arena | None = None
         self.defined: set[int] = set()
         self.closed = False
+        self.capture: bytearray | None = None  # commands recorded by a CUDA graph capture
+        self.kept: list[int] = []
         # Programs may drive one vGPU from several threads (DataLoader pinning, DataParallel).
         self.lock = threading.RLock()
         self._created_shm: str | None = None
@@ -138,17 +140,51 @@ class Connection:
     # commands ----------------------------------------------------------------
     def push(self, cmd: list) -> None:
         with self.lock:
+            if self.capture is not None:
+                self.capture += self.packer.pack(cmd)
+                return
             self.buf += self.packer.pack(cmd)
             self.n_cmds += 1
             if self.n_cmds >= FLUSH_OPS or len(self.buf) >= FLUSH_BYTES:
                 self.flush()
 
     def define(self, op_id: int, name: str) -> None:
-        if op_id not in self.defined:
-            self.defined.add(op_id)
-            self.push([m.CMD_DEF, op_id, name])
+        with self.lock:
+            if op_id not in self.defined:
+                self.defined.add(op_id)
+                self.buf += self.packer.pack([m.CMD_DEF, op_id, name])  # never captured
+                self.n_cmds += 1
+
+    # graph capture ---------------------------------------------------------------
+    def begin_capture(self) -> None:
+        with self.lock:
+            self.flush()
+            self.capture = bytearray()
+            self.kept: list[int] = []
+
+    def end_capture(self) -> tuple[bytes, list[int]]:
+        """The captured commands, and handles freed meanwhile (the graph still uses them)."""
+        with self.lock:
+            data, self.capture = bytes(self.capture or b""), None
+            kept, self.kept = self.kept + self.frees, []
+            self.frees = []
+            return data, kept
+
+    def replay(self, data: bytes) -> None:
+        with self.lock:
+            self.buf += data
+            self.n_cmds += 1
+            self.flush()
+
+    def _not_capturing(self) -> None:
+        if self.capture is not None:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing "
+                               "(a sync or host transfer inside torch.cuda.graph capture)")
 
     def flush(self) -> None:
+        if self.capture is not None:
+            self.kept.extend(self.frees)  # a graph being captured may still use them
+            self.frees = []
         if self.frees:
             frees, self.frees = self.frees, []
             self.buf += self.packer.pack([m.CMD_FREE, frees])
@@ -165,6 +201,7 @@ class Connection:
     def request(self, cmd: list) -> list:
         """Send ``cmd`` (which asks for an answer) after everything queued; wait for it."""
         with self.lock:
+            self._not_capturing()
             self.buf += self.packer.pack(cmd)
             self.flush()
             return self._read_reply()
@@ -192,6 +229,7 @@ class Connection:
             self._upload(handle, t)
 
     def _upload(self, handle: int, t: torch.Tensor) -> None:
+        self._not_capturing()
         t = t.detach().contiguous()
         nbytes = t.numel() * t.element_size()
         code = codec.DTYPE_CODE.get(t.dtype)
