@@ -185,7 +185,20 @@ def _unique(func: Any, args: tuple, kwargs: dict) -> Any:
     return result[0] if len(result) == 1 else tuple(result)
 
 
+def _item(func: Any, args: tuple, kwargs: dict) -> Any:
+    # Straight to the host copy: PyTorch's own path for item() on a Python tensor subclass
+    # imports torch.distributed.tensor (seconds of start-up) to look for DTensors.
+    t = args[0]
+    if isinstance(t, RemoteTensor) and not kwargs:
+        if t.numel() != 1:
+            raise RuntimeError(f"a Tensor with {t.numel()} elements cannot be converted to "
+                               "Scalar")
+        return frontend.fetch(t).item()
+    return func(*args, **kwargs)
+
+
 _TF_SPECIAL: dict[Any, Any] = {
+    torch.Tensor.item: _item,
     torch.unique: _unique,
     torch.Tensor.unique: _unique,
     torch._unique2: _direct_aten(torch.ops.aten._unique2.default),

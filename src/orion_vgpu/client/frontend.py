@@ -372,11 +372,12 @@ def _spec_of(out: Any, minputs: list) -> Any:
     return _SYNC  # a plain value comes from the server
 
 
-def _build(spec: _OutSpec, inputs: list, dev: int, outs: list[int]) -> Any:
+def _build(spec: _OutSpec, inputs: list, dev: int, outs: list[int],
+           handles: Any = None) -> Any:
     def build(it: tuple) -> Any:
         tag = it[0]
         if tag == "new":
-            h = _next_handle()
+            h = _next_handle() if handles is None else next(handles)
             outs.append(h)
             view_of = it[5]
             st = inputs[view_of]._st if view_of >= 0 else Storage(it[6], dev)
@@ -415,15 +416,18 @@ def generic(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> An
             return func(*args, **kwargs)
     key = (func, akey, kkey)
     spec = _meta_cache.get(key)
-    if spec is None:
-        spec = _meta_spec(func, args, kwargs, walk.temps)
-        _meta_cache[key] = spec
     conn = get_runtime().conn(dev)
     oid = op_id(func)
     if oid not in conn.defined:
         conn.define(oid, _op_names[oid])
     if _pending_free:
         _drain_frees()
+    if spec is None:
+        if _DYNAMIC in func.tags:
+            spec = _meta_spec(func, args, kwargs, walk.temps)
+            _meta_cache[key] = spec
+        else:
+            return _probe(conn, oid, enc_args, enc_kw, dev, walk.inputs, key)
     if spec is _SYNC:
         return _call_sync(conn, oid, enc_args, enc_kw, dev)
     if spec.fresh_bytes:
@@ -432,6 +436,53 @@ def generic(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> An
     result = _build(spec, walk.inputs, dev, outs)
     conn.push([m.CMD_OP, oid, enc_args, enc_kw, outs])
     return result
+
+
+_DYNAMIC = torch.Tag.dynamic_output_shape
+_HANDLE_BLOCK = 1 << 16  # handles a probe may hand out; the counter simply skips past them
+
+
+def _probe(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int, inputs: list,
+           key: tuple) -> Any:
+    """First sight of an op on these input shapes: the server runs it and describes the
+    outputs (real kernels' strides, not meta kernels' guesses); the description is cached."""
+    first = _next_handle()
+    for _ in range(_HANDLE_BLOCK - 1):
+        _next_handle()
+    reply = conn.call([m.CMD_PROBE, oid, enc_args, enc_kw, first])
+    kind, items = reply[1], reply[2]
+    if kind == "value":
+        _meta_cache[key] = _SYNC
+        return items[0][1]
+    fresh = 0
+
+    def to_spec(it: list) -> tuple:
+        nonlocal fresh
+        tag = it[0]
+        if tag == "new":
+            fresh += it[6]
+            return ("new", tuple(it[1]), tuple(it[2]), it[3], it[4], it[5], it[6])
+        if tag == "alias":
+            return ("alias", it[1])
+        if tag == "list":
+            return ("list", [to_spec(x) for x in it[1]])
+        return ("none",)
+
+    spec = _OutSpec(kind, [to_spec(it) for it in items], fresh)
+    if not any(it[0] == "value" for it in items):
+        _meta_cache[key] = spec
+    handles = iter(h for h in _new_handles(items))
+    return _build(spec, inputs, dev, [], handles)
+
+
+def _new_handles(items: list) -> list[int]:
+    out: list[int] = []
+    for it in items:
+        if it[0] == "new":
+            out.append(it[7])
+        elif it[0] == "list":
+            out.extend(_new_handles(it[1]))
+    return out
 
 
 def _call_sync(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int) -> Any:

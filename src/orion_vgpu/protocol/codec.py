@@ -94,7 +94,7 @@ def make_ext_hook(resolve_handle: Callable[[int], Any], remote_device: torch.dev
                 return MEMFMTS[idx]
             if code == EXT_LAYOUT and idx < len(LAYOUTS):
                 return LAYOUTS[idx]
-            if code == EXT_DEVICE:
+            if code == EXT_DEVICE and idx < 2:  # anything else is malformed, not "host"
                 return remote_device if idx == 0 else host
         if code == EXT_COMPLEX and len(data) == 16:
             re, im = _DD.unpack(data)

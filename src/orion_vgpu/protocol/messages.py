@@ -26,8 +26,12 @@ CMD_BYE = 9      # [9]
 CMD_RNG_GET = 10  # [10] -> [OK] + payload (generator state bytes)
 CMD_RNG_SET = 11  # [11, nbytes] + payload
 CMD_COPY = 12    # [12, dst_handle, src_handle] server-side copy between this session's tensors
+# [13, op_id, args, kwargs, first_handle] -> [OK, kind, items]: run an op the client has no
+# output description for yet; the server describes its outputs (new tensors get handles
+# first_handle, first_handle + 1, ...; aliases and views of inputs are named by input index).
+CMD_PROBE = 13
 
-ANSWERED = frozenset({CMD_FETCH, CMD_CALL, CMD_SYNC, CMD_STATS, CMD_RNG_GET})
+ANSWERED = frozenset({CMD_FETCH, CMD_CALL, CMD_SYNC, CMD_STATS, CMD_RNG_GET, CMD_PROBE})
 
 REPLY_OK = 0
 REPLY_ERROR = 1

@@ -1,27 +1,55 @@
 """Executes one session's commands on its device: handle table, allowlist, memory quota.
 
 The client names tensors by handle only; this table is the session's whole world, so a
-session can neither read nor free another session's tensors.
+session can neither read nor free another session's tensors. Clients are untrusted: every
+operator, argument and output is checked here (see docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from orion_vgpu.protocol.codec import DTYPES
+
 log = logging.getLogger("orion.session")
 
 ALLOWED_NAMESPACES = frozenset({"aten", "prims"})
-# Allowlisted namespaces still hold a few ops that reach outside the device.
+# Allowlisted namespaces still hold ops that must not run for an untrusted client. Denied
+# by name, every overload (``aten::from_file.default`` is still from_file):
+# - they reach outside the device: files, pinned host memory, streams, the worker's stdout;
+# - they build views or reads without bounds checks (tests/security found these):
+#   ``_reshape_alias`` makes a view past its storage (reads and writes the worker's heap),
+#   ``_reshape_alias_copy`` copies from such a view, ``_segment_reduce_backward`` corrupts
+#   the heap when the lengths do not match the data;
+# - ``_efficientzerotensor`` claims any size with no memory behind it.
 DENIED_OPS = frozenset({
     "aten::from_file", "aten::_pin_memory", "aten::pin_memory", "aten::record_stream",
-    "aten::set_.source_Storage", "aten::set_.source_Storage_storage_offset",
-    "aten::_copy_from_and_resize", "aten::_efficientzerotensor",
+    "aten::_copy_from_and_resize", "aten::_efficientzerotensor", "aten::_print",
+    "aten::_reshape_alias", "aten::_reshape_alias_copy", "aten::_segment_reduce_backward",
 })
+# Storages cannot travel on the wire, but these overloads would adopt one if they could.
+DENIED_OVERLOADS = frozenset({
+    "aten::set_.source_Storage", "aten::set_.source_Storage_storage_offset",
+})
+# Ops whose ``unsafe=True`` skips the bounds checks (segment_reduce then reads past the data).
+UNSAFE_FLAG_OPS = frozenset({"aten::segment_reduce"})
 MAX_NUMEL = 1 << 40
+# Host memory the worker spends per handle and per op id is not in the ledger; these caps
+# keep a client that creates millions of empty tensors or op ids from growing it unbounded.
+MAX_TENSORS = 1 << 20
+MAX_OP_IDS = 1 << 16
+# Tensors the table may hold: what the codec can describe, strided, on the session's
+# device or the host. Sparse, nested, mkldnn and quantized tensors carry indices or packed
+# data the kernels trust, so they never become inputs of a later op.
+STORABLE_DTYPES = frozenset(DTYPES)
 
 
 class SessionError(Exception):
@@ -43,13 +71,15 @@ class Missing:
 
 def resolve_op(name: str) -> Any:
     """Resolve ``ns::op.overload`` against the allowlist, never anything else."""
-    if not isinstance(name, str) or "::" not in name or name in DENIED_OPS:
+    if not isinstance(name, str) or "::" not in name:
         raise SessionError("RuntimeError", f"operator {name!r} is not allowed on a vGPU")
     ns, rest = name.split("::", 1)
     if ns not in ALLOWED_NAMESPACES:
         raise SessionError("RuntimeError", f"operator {name!r} is not allowed on a vGPU "
                            f"(only {', '.join(sorted(ALLOWED_NAMESPACES))} operators run remotely)")
     op_name, _, overload = rest.partition(".")
+    if op_name.startswith("__") or overload.startswith("__"):
+        raise SessionError("RuntimeError", f"unknown operator {name!r}")
     try:
         packet = getattr(getattr(torch.ops, ns), op_name)
         op = getattr(packet, overload or "default")
@@ -57,57 +87,324 @@ def resolve_op(name: str) -> Any:
         raise SessionError("RuntimeError", f"unknown operator {name!r}") from None
     if not isinstance(op, torch._ops.OpOverload):
         raise SessionError("RuntimeError", f"unknown operator {name!r}")
+    # Checked on the resolved op, so no spelling of a denied op gets through.
+    base = op._schema.name  # "aten::from_file" for every overload
+    if base in DENIED_OPS or f"{base}.{op._overloadname}" in DENIED_OVERLOADS:
+        raise SessionError("RuntimeError", f"operator {name!r} is not allowed on a vGPU")
     return op
 
 
+# -- what an op may allocate, known before it runs ----------------------------------------
+
+class _Args:
+    """An op's arguments by schema name, positional or keyword."""
+
+    __slots__ = ("args", "kwargs", "names")
+
+    def __init__(self, names: tuple[str, ...], args: list, kwargs: dict) -> None:
+        self.names, self.args, self.kwargs = names, args, kwargs
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            i = self.names.index(name)
+        except ValueError:
+            return self.kwargs.get(name, default)
+        if i < len(self.args):
+            return self.args[i]
+        return self.kwargs.get(name, default)
+
+
+def _prod(dims: Any) -> int | None:
+    """Number of elements of a size list, or None if it is not one (torch will say why)."""
+    if not isinstance(dims, (list, tuple)) or not all(type(d) is int for d in dims):
+        return None
+    if any(d < 0 for d in dims):
+        return None
+    return math.prod(dims)
+
+
+def _itemsize(a: _Args, fallback: int) -> int:
+    dtype = a.get("dtype")
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    if dtype is not None:  # a raw enum value: assume the widest type
+        return 16
+    return fallback
+
+
+def _self_itemsize(a: _Args) -> int:
+    t = a.get("self")
+    return _itemsize(a, t.element_size() if isinstance(t, torch.Tensor) else 16)
+
+
+def _default_itemsize() -> int:
+    return torch.get_default_dtype().itemsize
+
+
+def _fill_itemsize(value: Any) -> int:
+    if isinstance(value, bool):
+        return 1
+    if isinstance(value, int):
+        return 8
+    if isinstance(value, complex):
+        return 2 * _default_itemsize()
+    return _default_itemsize()
+
+
+def _bytes(numel: int | None, itemsize: int) -> int | None:
+    return None if numel is None else numel * itemsize
+
+
+def _size_bytes(a: _Args) -> int | None:
+    return _bytes(_prod(a.get("size")), _itemsize(a, _default_itemsize()))
+
+
+def _strided_bytes(a: _Args, itemsize: int) -> int | None:
+    size, stride = a.get("size"), a.get("stride")
+    n = _prod(size)
+    if n is None or _prod([abs(s) for s in stride or []]) is None:
+        return None
+    if n == 0:
+        return 0
+    if not stride:  # set_ without strides: contiguous
+        return n * itemsize
+    return (1 + sum((s - 1) * abs(st) for s, st in zip(size, stride, strict=False))) * itemsize
+
+
+def _arange_bytes(a: _Args) -> int | None:
+    start, end, step = a.get("start", 0), a.get("end"), a.get("step", 1)
+    nums = (start, end, step)
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in nums):
+        return None
+    if step == 0 or not all(math.isfinite(x) for x in nums):
+        return None
+    n = max(0, math.ceil((end - start) / step))
+    ints = all(isinstance(x, int) for x in nums)
+    return n * _itemsize(a, 8 if ints else _default_itemsize())
+
+
+def _like_bytes(a: _Args) -> int | None:
+    t = a.get("self")
+    return t.numel() * _self_itemsize(a) if isinstance(t, torch.Tensor) else None
+
+
+def _repeat_bytes(a: _Args) -> int | None:
+    t, n = a.get("self"), _prod(a.get("repeats"))
+    return None if not isinstance(t, torch.Tensor) or n is None else t.numel() * n * t.element_size()
+
+
+def _cat_bytes(a: _Args) -> int | None:
+    """A concatenation is as large as its inputs, and a short message can list one tensor
+    a million times."""
+    ts = a.get("tensors")
+    if not isinstance(ts, list) or not all(isinstance(t, torch.Tensor) for t in ts):
+        return None
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _resize_bytes(a: _Args) -> int | None:
+    """Growth of the storage ``resize_`` needs (contiguous), beyond what it has."""
+    t, n = a.get("self"), _prod(a.get("size"))
+    if not isinstance(t, torch.Tensor) or n is None:
+        return None
+    need = (t.storage_offset() + n) * t.element_size() if n else 0
+    return max(0, need - t.untyped_storage().nbytes())
+
+
+def _resize_as_bytes(a: _Args) -> int | None:
+    t, like = a.get("self"), a.get("the_template")
+    if not isinstance(t, torch.Tensor) or not isinstance(like, torch.Tensor):
+        return None
+    need = (t.storage_offset() + like.numel()) * t.element_size()
+    return max(0, need - t.untyped_storage().nbytes())
+
+
+def _set_bytes(a: _Args) -> int | None:
+    """Growth of ``source``'s storage that ``set_(source, offset, size, stride)`` needs."""
+    src, off = a.get("source"), a.get("storage_offset")
+    if not isinstance(src, torch.Tensor) or type(off) is not int or off < 0:
+        return None
+    extent = _strided_bytes(a, src.element_size())
+    if extent is None:
+        return None
+    need = off * src.element_size() + extent if extent else 0
+    return max(0, need - src.untyped_storage().nbytes())
+
+
+def _resize_output_bytes(a: _Args) -> int | None:
+    t, n = a.get("self"), _prod(a.get("size"))
+    if not isinstance(t, torch.Tensor) or n is None:
+        return None
+    return max(0, n * t.element_size() - t.untyped_storage().nbytes())
+
+
+def _int(v: Any) -> int | None:
+    return v if type(v) is int and v >= 0 else None
+
+
+def _count_bytes(name: str, itemsize: int) -> Callable[[_Args], int | None]:
+    return lambda a: _bytes(_int(a.get(name)), _itemsize(a, itemsize))
+
+
+def _eye_bytes(a: _Args) -> int | None:
+    n, m = _int(a.get("n")), _int(a.get("m", a.get("n")))
+    return None if n is None or m is None else n * m * _itemsize(a, _default_itemsize())
+
+
+def _tri_indices_bytes(a: _Args) -> int | None:
+    r, c = _int(a.get("row")), _int(a.get("col"))
+    return None if r is None or c is None else 2 * r * c * _itemsize(a, 8)
+
+
+# Ops that allocate what their arguments say (a few bytes of request, any size of memory):
+# checked against the quota before they run, so a lying client cannot make the worker
+# allocate (and touch) 1 TiB first. Every other op is bounded by its inputs, checked after
+# it runs by the ledger, and on emulated GPUs capped by the worker's RLIMIT_DATA.
+_SIZERS: dict[str, Callable[[_Args], int | None]] = {
+    **{f"aten::{n}": _size_bytes for n in (
+        "empty", "zeros", "ones", "rand", "randn", "randint", "empty_permuted", "normal",
+        "bernoulli", "expand_copy")},
+    "aten::full": lambda a: _bytes(_prod(a.get("size")), _itemsize(a, _fill_itemsize(a.get("fill_value")))),
+    **{f"aten::new_{n}": (lambda a: _bytes(_prod(a.get("size")), _self_itemsize(a)))
+       for n in ("empty", "zeros", "ones", "full")},
+    "aten::empty_strided": lambda a: _strided_bytes(a, _itemsize(a, _default_itemsize())),
+    "aten::new_empty_strided": lambda a: _strided_bytes(a, _self_itemsize(a)),
+    **{f"aten::{n}_like": _like_bytes for n in (
+        "empty", "zeros", "ones", "full", "rand", "randn", "randint")},
+    "aten::arange": _arange_bytes,
+    "aten::linspace": _count_bytes("steps", _default_itemsize()),
+    "aten::logspace": _count_bytes("steps", _default_itemsize()),
+    "aten::randperm": _count_bytes("n", 8),
+    "aten::eye": _eye_bytes,
+    "aten::tril_indices": _tri_indices_bytes,
+    "aten::triu_indices": _tri_indices_bytes,
+    "aten::repeat": _repeat_bytes,
+    **{f"aten::{n}": _cat_bytes for n in (
+        "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "column_stack")},
+    "aten::resize_": _resize_bytes,
+    "aten::resize_as_": _resize_as_bytes,
+    "aten::_resize_output_": _resize_output_bytes,
+    "aten::set_": _set_bytes,
+}
+# Ops that may reallocate or swap the storage of a tensor they write: checked after they
+# run and rolled back if the session went past its quota (out= ops resize their outputs).
+_STORAGE_WRITERS = frozenset({"aten::resize_", "aten::resize_as_", "aten::set_",
+                              "aten::_resize_output_", "aten::resize_as_sparse_"})
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """An allowed operator with what the executor needs to know about its arguments."""
+
+    op: Any
+    name: str                                  # "aten::empty"
+    names: tuple[str, ...]                     # schema argument names, in order
+    device_args: tuple[str, ...]               # arguments of type Device
+    written: tuple[str, ...]                   # arguments it writes (self of in-place, out=)
+    grows: bool                                # may reallocate a written tensor's storage
+    sizer: Callable[[_Args], int | None] | None
+    unsafe_flag: bool
+
+    @property
+    def guarded(self) -> bool:
+        """Something to check before it runs (most ops have nothing)."""
+        return bool(self.device_args or self.sizer or self.unsafe_flag)
+
+
+def describe_op(op: Any) -> OpInfo:
+    schema = op._schema
+    args = schema.arguments
+    written = tuple(a.name for a in args if a.alias_info is not None and a.alias_info.is_write)
+    name = schema.name  # without the overload
+    return OpInfo(
+        op=op, name=name, names=tuple(a.name for a in args),
+        device_args=tuple(a.name for a in args if "Device" in str(a.type)),
+        written=written,
+        grows=name in _STORAGE_WRITERS or any(a.is_out for a in args),
+        sizer=_SIZERS.get(name),
+        unsafe_flag=name in UNSAFE_FLAG_OPS)
+
+
+# -- the ledger ----------------------------------------------------------------------------
+
 class MemoryLedger:
-    """Bytes held per storage, so views and in-place ops are counted once."""
+    """Bytes held per storage, so views and in-place ops are counted once.
+
+    Storages are keyed by their StorageImpl (stable when ``resize_`` reallocates the
+    data); each entry keeps the storage alive, so a key is never reused while counted.
+    Each tensor object held remembers the storage it was counted under, so ``set_``
+    moving a tensor to another storage moves its reference too.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self.peak = 0
-        self._storages: dict[int, list[int]] = {}  # storage key -> [nbytes, refs]
+        self._storages: dict[int, list[Any]] = {}  # key -> [storage, nbytes, refs]
+        self._held: dict[int, list[Any]] = {}      # id(tensor) -> [key, count]
 
-    @staticmethod
-    def _key(t: torch.Tensor) -> tuple[int, int]:
-        st = t.untyped_storage()
-        return st.data_ptr(), st.nbytes()
-
-    def add(self, t: torch.Tensor) -> None:
-        ptr, nbytes = self._key(t)
-        entry = self._storages.get(ptr)
+    def _attach(self, st: Any) -> int:
+        key = st._cdata
+        entry = self._storages.get(key)
+        nbytes = st.nbytes()
         if entry is None:
-            self._storages[ptr] = [nbytes, 1]
+            self._storages[key] = [st, nbytes, 1]
             self.used += nbytes
         else:
-            entry[1] += 1
-            if nbytes != entry[0]:  # resized in place
-                self.used += nbytes - entry[0]
-                entry[0] = nbytes
-        if self.used > self.peak:
-            self.peak = self.used
+            entry[2] += 1
+            self._resized(entry, nbytes)
+        return key
+
+    def _detach(self, key: int) -> None:
+        entry = self._storages[key]
+        entry[2] -= 1
+        if entry[2] <= 0:
+            del self._storages[key]
+            self.used -= entry[1]
+
+    def _resized(self, entry: list[Any], nbytes: int) -> None:
+        if nbytes != entry[1]:
+            self.used += nbytes - entry[1]
+            entry[1] = nbytes
+        self.peak = max(self.peak, self.used)
+
+    def add(self, t: torch.Tensor) -> None:
+        rec = self._held.get(id(t))
+        if rec is None:
+            self._held[id(t)] = [self._attach(t.untyped_storage()), 1]
+            self.peak = max(self.peak, self.used)
+        else:
+            rec[1] += 1
+            self.refresh(t)
 
     def refresh(self, t: torch.Tensor) -> None:
-        ptr, nbytes = self._key(t)
-        entry = self._storages.get(ptr)
-        if entry is not None and entry[0] != nbytes:
-            self.used += nbytes - entry[0]
-            entry[0] = nbytes
-            self.peak = max(self.peak, self.used)
+        """Recount ``t``'s storage after an op that may have resized or swapped it."""
+        rec = self._held.get(id(t))
+        if rec is None:
+            return
+        st = t.untyped_storage()
+        if st._cdata != rec[0]:
+            new_key = self._attach(st)
+            self._detach(rec[0])
+            rec[0] = new_key
+        else:
+            self._resized(self._storages[rec[0]], st.nbytes())
 
     def remove(self, t: torch.Tensor) -> None:
-        ptr = t.untyped_storage().data_ptr()
-        entry = self._storages.get(ptr)
-        if entry is None:
+        rec = self._held.get(id(t))
+        if rec is None:
             return
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del self._storages[ptr]
-            self.used -= entry[0]
+        rec[1] -= 1
+        if rec[1] <= 0:
+            del self._held[id(t)]
+            self._detach(rec[0])
 
     def over(self) -> bool:
         return self.used > self.limit
+
+    def recount(self) -> int:
+        """Bytes of the distinct storages counted, from the storages themselves (tests)."""
+        return sum(e[0].nbytes() for e in self._storages.values())
 
 
 def oom_message(requested: int, ledger: MemoryLedger) -> str:
@@ -117,11 +414,21 @@ def oom_message(requested: int, ledger: MemoryLedger) -> str:
             f" MiB is free (ORION_GMEM quota). Ask for a larger ORION_GMEM or use less memory.")
 
 
+# -- the executor --------------------------------------------------------------------------
+
+@dataclass
+class _Snapshot:
+    """Storages and written tensors before an op that may grow them, for a rollback."""
+
+    written: list[tuple[torch.Tensor, Any, int, tuple[int, ...], tuple[int, ...]]]
+    storages: dict[int, tuple[Any, int]]
+
+
 class Executor:
     def __init__(self, device: torch.device, gmem_bytes: int) -> None:
         self.device = device
         self.tensors: dict[int, torch.Tensor] = {}
-        self.ops: dict[int, Any] = {}
+        self.ops: dict[int, OpInfo] = {}
         self.ledger = MemoryLedger(gmem_bytes)
         self.busy_s = 0.0
         self.n_ops = 0
@@ -133,43 +440,103 @@ class Executor:
         t = self.tensors.get(handle)
         return Missing(handle) if t is None else t
 
+    def tensor(self, handle: Any) -> torch.Tensor:
+        """The session's tensor named ``handle``, or the error the client gets."""
+        t = self.tensors.get(handle) if isinstance(handle, int) else None
+        if t is None:
+            raise SessionError("RuntimeError", f"tensor handle {handle!r} is not held by this "
+                               "session (freed, or never created because of an earlier error)")
+        return t
+
     def store(self, handle: int, t: Any) -> None:
         if not isinstance(t, torch.Tensor):
             raise SessionError("RuntimeError", "operator returned a non-tensor where the client "
                                "expected a tensor")
+        if type(handle) is not int:
+            raise SessionError("ProtocolError", f"tensor handle {handle!r} is not an integer")
         if handle <= 0:
             return
+        self._check_storable(t)
         old = self.tensors.get(handle)
+        if old is None and len(self.tensors) >= MAX_TENSORS:
+            raise SessionError("RuntimeError", f"a session may hold at most {MAX_TENSORS} "
+                               "tensors at once")
+        self.ledger.add(t)
         if old is not None:
             self.ledger.remove(old)
         self.tensors[handle] = t
-        self.ledger.add(t)
+
+    def _check_storable(self, t: torch.Tensor) -> None:
+        # Quantized dtypes are not in STORABLE_DTYPES, mkldnn and sparse not strided.
+        if t.layout is not torch.strided or t.is_nested:
+            raise SessionError("RuntimeError", f"tensors of layout {t.layout} are not supported "
+                               "on a vGPU")
+        if t.dtype not in STORABLE_DTYPES:
+            raise SessionError("TypeError", f"dtype {t.dtype} is not supported on a vGPU")
+        dev = t.device
+        if dev.type != "cpu" and dev != self.device:
+            raise SessionError("RuntimeError", f"tensor on {dev}: this vGPU is {self.device}")
 
     def free(self, handles: list[int]) -> None:
+        if not isinstance(handles, list):
+            raise SessionError("ProtocolError", "free expects a list of handles")
         for h in handles:
-            t = self.tensors.pop(h, None)
+            t = self.tensors.pop(h, None) if isinstance(h, int) else None
             if t is not None:
                 self.ledger.remove(t)
 
+    def copy(self, dst: Any, src: Any) -> None:
+        """Server-side copy between two of this session's tensors (never resizes)."""
+        self.tensor(dst).copy_(self.tensor(src))
+
+    def host_copy(self, handle: Any) -> torch.Tensor:
+        """A dense host copy of a tensor for a fetch. An expanded view can describe far more
+        elements than its storage holds; its copy may not be larger than the vGPU."""
+        t = self.tensor(handle)
+        nbytes = t.numel() * t.element_size()
+        if nbytes > max(self.ledger.limit, t.untyped_storage().nbytes()):
+            raise SessionError("OutOfMemoryError", f"cannot fetch {nbytes / 2**20:.2f} MiB: "
+                               f"more than the vGPU's {self.ledger.limit / 2**20:.2f} MiB")
+        return t.detach().to("cpu").contiguous()
+
     # ops ---------------------------------------------------------------------
     def define(self, op_id: int, name: str) -> None:
-        self.ops[op_id] = resolve_op(name)
+        if type(op_id) is not int:
+            raise SessionError("ProtocolError", f"operator id {op_id!r} is not an integer")
+        if op_id not in self.ops and len(self.ops) >= MAX_OP_IDS:
+            raise SessionError("RuntimeError", f"a session may define at most {MAX_OP_IDS} "
+                               "operators")
+        self.ops[op_id] = describe_op(resolve_op(name))
 
     def run(self, op_id: int, args: list, kwargs: dict, outs: list) -> Any:
-        op = self.ops.get(op_id)
-        if op is None:
-            raise SessionError("RuntimeError", f"operator id {op_id} was never defined")
+        info = self.ops.get(op_id) if isinstance(op_id, int) else None
+        if info is None:
+            raise SessionError("RuntimeError", f"operator id {op_id!r} was never defined")
+        if not isinstance(args, list) or not isinstance(kwargs, dict) or not isinstance(outs, list):
+            raise SessionError("ProtocolError", "an op needs args (array), kwargs (map) and "
+                               "out handles (array)")
+        for h in outs:
+            if type(h) is not int:
+                raise SessionError("ProtocolError", f"out handles {outs!r:.80} are not all "
+                                   "integers")
         _check_args(args, kwargs)
+        a = _Args(info.names, args, kwargs)
+        if info.guarded:
+            self._guard(info, a)
+        snapshot = self._snapshot(info, args, kwargs) if info.grows else None
         throttle = self.throttle
         if throttle is not None:
             throttle.before_op()
         t0 = time.perf_counter()
         try:
-            result = op(*args, **kwargs)
-        except torch.OutOfMemoryError as exc:
-            raise SessionError("OutOfMemoryError", str(exc)) from None
-        except RuntimeError as exc:
-            if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
+            result = info.op(*args, **kwargs)
+        except Exception as exc:
+            if snapshot is not None:  # an out= op may resize its output, then fail
+                self._rollback(snapshot)
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise SessionError("OutOfMemoryError", str(exc)) from None
+            if isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc)
+                                                  or "not enough memory" in str(exc)):
                 raise SessionError("OutOfMemoryError", oom_message(0, self.ledger)) from None
             raise
         finally:
@@ -178,33 +545,128 @@ class Executor:
             self.n_ops += 1
             if throttle is not None:
                 throttle.after_op(spent)
-        self._bind_outputs(result, outs, args)
+        self._bind_outputs(info, a, result, outs, snapshot)
         return result
 
-    def _bind_outputs(self, result: Any, outs: list, args: list) -> None:
-        if not outs:
-            for a in args[:1]:  # in-place ops may resize their target
-                if isinstance(a, torch.Tensor):
-                    self.ledger.refresh(a)
-            return
-        flat = _flatten(result)
-        if len(flat) != len(outs):
-            raise SessionError("RuntimeError", f"operator returned {len(flat)} tensors, client "
-                               f"expected {len(outs)}")
-        before = self.ledger.used
-        for h, t in zip(outs, flat, strict=True):
-            if h > 0:
-                self.store(h, t)
-            elif isinstance(t, torch.Tensor):
+    def _guard(self, info: OpInfo, a: _Args) -> None:
+        """Refuse what the op must not be asked before it runs."""
+        for name in info.device_args:
+            dev = a.get(name)
+            # The codec only produces the session's device and the host; a string or int
+            # here could name another GPU of this machine (or "meta").
+            if dev is not None and not isinstance(dev, torch.device):
+                raise SessionError("RuntimeError", f"device argument {dev!r} is not allowed: "
+                                   "a vGPU op runs on its own device")
+        if info.unsafe_flag and a.get("unsafe"):
+            raise SessionError("RuntimeError", f"{info.name} with unsafe=True is not allowed "
+                               "on a vGPU")
+        if info.sizer is not None:
+            try:
+                need = info.sizer(a)
+            except (TypeError, ValueError, OverflowError, RuntimeError):
+                need = None  # not the argument types we expect; the op will say why
+            if need is not None and need > self.ledger.limit - self.ledger.used:
+                raise SessionError("OutOfMemoryError", oom_message(need, self.ledger))
+
+    def _snapshot(self, info: OpInfo, args: list, kwargs: dict) -> _Snapshot:
+        written = []
+        a = _Args(info.names, args, kwargs)
+        for name in info.written:
+            for t in _tensors(a.get(name)):
+                written.append((t, t.untyped_storage(), t.storage_offset(), tuple(t.shape),
+                                tuple(t.stride())))
+        storages = {}
+        for t in _tensors([args, list(kwargs.values())]):
+            st = t.untyped_storage()
+            storages[st._cdata] = (st, st.nbytes())
+        return _Snapshot(written, storages)
+
+    def _rollback(self, snap: _Snapshot) -> None:
+        """Undo the storage growth of an op that took the session past its quota: put the
+        written tensors back on their old storage and shape, then shrink every storage to
+        its old size (no tensor of the table describes more than that any more)."""
+        for t, st, offset, shape, stride in snap.written:
+            t.set_(st, offset, shape, stride)
+        for st, nbytes in snap.storages.values():
+            if st.nbytes() > nbytes:
+                with contextlib.suppress(RuntimeError):  # a storage that cannot shrink stays counted
+                    st.resize_(nbytes)
+        for t in _tensors([[w[0] for w in snap.written]]):
+            self.ledger.refresh(t)
+        for t in self.tensors.values():
+            if t.untyped_storage()._cdata in snap.storages:
                 self.ledger.refresh(t)
+
+    def _bind_outputs(self, info: OpInfo, a: _Args, result: Any, outs: list,
+                      snapshot: _Snapshot | None) -> None:
+        before = self.ledger.used
+        # In-place and out= ops may resize (or, for set_, swap) what they write.
+        for name in info.written:
+            for t in _tensors(a.get(name)):
+                self.ledger.refresh(t)
+        if snapshot is not None:  # set_ may grow the storage of a tensor it only reads
+            for t in _tensors([a.args, list(a.kwargs.values())]):
+                self.ledger.refresh(t)
+        stored: list[int] = []
+        try:
+            if outs:
+                flat = _flatten(result)
+                if len(flat) != len(outs):
+                    raise SessionError("RuntimeError", f"operator returned {len(flat)} tensors, "
+                                       f"client expected {len(outs)}")
+                for h, t in zip(outs, flat, strict=True):
+                    if isinstance(h, int) and h > 0:
+                        self.store(h, t)
+                        stored.append(h)
+                    elif isinstance(t, torch.Tensor):
+                        self.ledger.refresh(t)
+        except SessionError:
+            self._undo(stored, snapshot)
+            raise
         if self.ledger.over():
             grew = self.ledger.used - before
-            self.free([h for h in outs if h > 0])
+            self._undo(stored, snapshot)
+            raise SessionError("OutOfMemoryError", oom_message(grew, self.ledger))
+
+    def _undo(self, stored: list[int], snapshot: _Snapshot | None) -> None:
+        """A failed op leaves nothing behind: no new handles, no grown storage."""
+        self.free(stored)
+        if snapshot is not None:
+            self._rollback(snapshot)
+
+    def keep(self, outs: list, tensors: list[torch.Tensor]) -> None:
+        """Store the outputs of a CMD_CALL op (their sizes depend on the data), within quota."""
+        if not isinstance(outs, list):
+            raise SessionError("ProtocolError", "out handles must be an array")
+        before = self.ledger.used
+        stored: list[int] = []
+        try:
+            for h, t in zip(outs, tensors, strict=False):
+                self.store(h, t)
+                stored.append(h)
+        except SessionError:
+            self.free(stored)
+            raise
+        if self.ledger.over():
+            grew = self.ledger.used - before
+            self.free(stored)
             raise SessionError("OutOfMemoryError", oom_message(grew, self.ledger))
 
     def check_alloc(self, nbytes: int) -> None:
         if self.ledger.used + nbytes > self.ledger.limit:
             raise SessionError("OutOfMemoryError", oom_message(nbytes, self.ledger))
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Tensors in an argument (a tensor, or lists of them, nested; no recursion, so a
+    deeply nested argument cannot exhaust the stack)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            stack.extend(reversed(v))
 
 
 def _flatten(result: Any) -> list:
@@ -222,13 +684,33 @@ def _flatten(result: Any) -> list:
 
 
 def _check_args(args: list, kwargs: dict) -> None:
+    """Every handle the op names must be held (runs for every op: no generators)."""
     for a in args:
-        if isinstance(a, Missing):
-            raise SessionError("RuntimeError", f"tensor handle {a.handle} is not held by this "
-                               "session (freed, or never created because of an earlier error)")
-        if isinstance(a, list):
-            _check_args(a, {})
-    for v in kwargs.values():
-        if isinstance(v, Missing):
+        if type(a) is Missing or (type(a) is list and _missing_in(a)):
+            _raise_missing(a)
+    if kwargs:
+        for v in kwargs.values():
+            if type(v) is Missing or (type(v) is list and _missing_in(v)):
+                _raise_missing(v)
+
+
+def _missing_in(items: list) -> bool:
+    stack = [items]  # no recursion: a deeply nested argument cannot exhaust the stack
+    while stack:
+        for v in stack.pop():
+            if type(v) is Missing:
+                return True
+            if type(v) is list:
+                stack.append(v)
+    return False
+
+
+def _raise_missing(value: Any) -> None:
+    stack = [value]
+    while stack:  # the first missing handle, in argument order, is the one reported
+        v = stack.pop()
+        if type(v) is Missing:
             raise SessionError("RuntimeError", f"tensor handle {v.handle} is not held by this "
-                               "session")
+                               "session (freed, or never created because of an earlier error)")
+        if type(v) is list:
+            stack.extend(reversed(v))

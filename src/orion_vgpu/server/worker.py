@@ -23,7 +23,7 @@ from orion_vgpu import PROTOCOL_VERSION, __version__
 from orion_vgpu.protocol import codec, frames
 from orion_vgpu.protocol import messages as m
 from orion_vgpu.protocol.shm import Arena, ShmError
-from orion_vgpu.server.executor import Executor, SessionError
+from orion_vgpu.server.executor import Executor, SessionError, oom_message
 from orion_vgpu.server.throttle import make_throttle
 
 log = logging.getLogger("orion.session")
@@ -95,7 +95,7 @@ class Session:
     def _attach_shm(self, shm: dict) -> bool:
         try:
             arena = Arena(str(shm["path"]))
-            if arena.read_nonce() != str(shm["nonce"]):
+            if len(str(shm["nonce"])) < 16 or arena.read_nonce() != str(shm["nonce"]):
                 arena.close()
                 log.info("shared memory %s not shared with the client; using the socket",
                          shm["path"])
@@ -151,6 +151,15 @@ class Session:
                 self._answer(cmd)
             else:
                 self._execute(cmd)
+        # A command cut off at the end of its frame must not be glued to the next frame: a
+        # nil fed after the last command comes back alone only if none was left unfinished.
+        self.unpacker.feed(b"\xc0")
+        try:
+            whole = self.unpacker.unpack() is None
+        except msgpack.OutOfData:
+            whole = False
+        if not whole:
+            raise ValueError("frame ends inside a command (truncated)")
         return False
 
     def _execute(self, cmd: list) -> None:
@@ -181,8 +190,7 @@ class Session:
         elif kind == m.CMD_SEED:
             self._seed(int(cmd[1]))
         elif kind == m.CMD_COPY:
-            dst, src = ex.resolve(cmd[1]), ex.resolve(cmd[2])
-            dst.copy_(src)
+            ex.copy(cmd[1], cmd[2])
         elif kind == m.CMD_RNG_SET:
             self._rng_set(int(cmd[1]))
         else:
@@ -210,6 +218,8 @@ class Session:
             self._fetch(cmd)
         elif kind == m.CMD_CALL:
             self._call(cmd)
+        elif kind == m.CMD_PROBE:
+            self._probe(cmd)
         elif kind == m.CMD_STATS:
             led = self.ex.ledger
             self._reply([m.REPLY_OK, {"allocated": led.used, "peak": led.peak,
@@ -232,6 +242,11 @@ class Session:
     def _upload(self, cmd: list) -> None:
         _, handle, dtype_code, shape, nbytes, shm_pos = cmd
         dtype = codec.dtype_from_code(dtype_code)
+        if not isinstance(shape, list) or type(nbytes) is not int:
+            raise SessionError("ProtocolError", "upload needs a shape array and a byte count")
+        if shm_pos is not None and (self.arena is None or type(shm_pos) is not int or shm_pos < 0):
+            raise SessionError("ProtocolError", "upload names a shared-memory position but this "
+                               "session has no shared memory")
         numel = 1
         for s in shape:
             if not isinstance(s, int) or s < 0:
@@ -268,10 +283,7 @@ class Session:
             raise
 
     def _fetch(self, cmd: list) -> None:
-        t = self.ex.resolve(cmd[1])
-        if not isinstance(t, torch.Tensor):
-            raise SessionError("RuntimeError", f"tensor handle {cmd[1]} is not held by this session")
-        host = t.detach().to("cpu").contiguous()
+        host = self.ex.host_copy(cmd[1])
         nbytes = host.numel() * host.element_size()
         raw = host.reshape(-1).view(torch.uint8)
         dtype = codec.DTYPE_EXT[host.dtype]
@@ -297,9 +309,27 @@ class Session:
                 values.append(r.item() if hasattr(r, "item") else r)
         if len(tensors) > len(outs):
             raise SessionError("RuntimeError", "operator returned more tensors than expected")
-        for h, t in zip(outs, tensors, strict=False):
-            self.ex.store(h, t)
+        self.ex.keep(outs, tensors)
         self._reply([m.REPLY_OK, values, metas])
+
+    def _probe(self, cmd: list) -> None:
+        _, op_id, args, kwargs, first_handle = cmd
+        inputs = _tensors_in(args) + _tensors_in(list(kwargs.values()))
+        result = self.ex.run(op_id, args, kwargs, [])
+        describe = _Describer(self.ex, inputs, int(first_handle))
+        if isinstance(result, torch.Tensor):
+            kind, items = "tensor", [describe(result)]
+        elif isinstance(result, (tuple, list)):
+            kind = "tuple" if isinstance(result, tuple) else "list"
+            items = [describe(r) for r in result]
+        elif result is None:
+            kind, items = "none", []
+        else:
+            kind, items = "value", [describe(result)]
+        if self.ex.ledger.over():
+            self.ex.free(describe.stored)
+            raise SessionError("OutOfMemoryError", oom_message(0, self.ex.ledger))
+        self._reply([m.REPLY_OK, kind, items])
 
     def _seed(self, seed: int) -> None:
         if self.device.type == "cuda":
@@ -313,6 +343,9 @@ class Session:
         return torch.get_rng_state()
 
     def _rng_set(self, nbytes: int) -> None:
+        if not 0 <= nbytes <= min(self.payload_left, 1 << 20):
+            raise SessionError("ProtocolError", f"RNG state of {nbytes} bytes does not match "
+                               "the frame's payload")
         state = torch.empty(nbytes, dtype=torch.uint8)
         frames.recv_exact_into(self.conn, memoryview(state.numpy()))
         self.payload_left -= nbytes
@@ -324,6 +357,47 @@ class Session:
     def stats(self) -> dict:
         return {"type": "stats", "mem_used_bytes": self.ex.ledger.used,
                 "busy_s": self.ex.busy_s, "ops": self.ex.n_ops}
+
+
+def _tensors_in(seq: list) -> list:
+    out: list = []
+    for a in seq:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(_tensors_in(list(a)))
+    return out
+
+
+class _Describer:
+    """Describes an op's outputs relative to its inputs, binding new ones to handles."""
+
+    def __init__(self, ex: Executor, inputs: list, first_handle: int) -> None:
+        self.ex = ex
+        self.inputs = inputs
+        self.ptrs = [t.untyped_storage().data_ptr() for t in inputs]
+        self.next = first_handle
+        self.stored: list[int] = []
+
+    def __call__(self, o: Any) -> list:
+        if isinstance(o, torch.Tensor):
+            for i, t in enumerate(self.inputs):
+                if o is t:
+                    return ["alias", i]
+            st = o.untyped_storage()
+            ptr = st.data_ptr()
+            view_of = self.ptrs.index(ptr) if ptr and ptr in self.ptrs else -1
+            h = self.next
+            self.next += 1
+            self.ex.store(h, o)
+            self.stored.append(h)
+            return ["new", list(o.shape), list(o.stride()), o.storage_offset(),
+                    codec.DTYPE_EXT[o.dtype], view_of, st.nbytes() if view_of < 0 else 0, h]
+        if o is None:
+            return ["none"]
+        if isinstance(o, (list, tuple)):
+            return ["list", [self(x) for x in o]]
+        return ["value", o.item() if hasattr(o, "item") else o]
 
 
 def _cap_process_memory(spec: dict) -> None:

@@ -8,8 +8,9 @@ try:
 except RuntimeError as exc:
     # raised by the client's metadata step, before anything reached the server
     print("RESULT shape", "[3, 4]" in str(exc) or "3x4" in str(exc))
+torch.index_select(a, 0, torch.tensor([0, 1], device="cuda"))  # output shape now known
 idx = torch.tensor([0, 7], device="cuda")
-bad = torch.index_select(a, 0, idx)  # queued; the server finds index 7 out of range
+bad = torch.index_select(a, 0, idx)  # queued, no wait; the server finds 7 out of range
 try:
     bad.sum().item()
     print("RESULT no-index-error")
