@@ -11,3 +11,9 @@ fi
   -r requirements-dev.txt -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import orion_vgpu, torch" 
 .venv/bin/python -m orion_vgpu.client.install_hook
+# Dashboard browser tests drive Debian's Chromium through Playwright (never `playwright
+# install`: it downloads a browser build). As root, install it quietly when missing.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+    >/dev/null 2>&1 || echo "bootstrap: could not install chromium; browser tests will skip" >&2
+fi

@@ -83,7 +83,9 @@ class ControllerProc:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "orion_vgpu.controller", "--listen", self.addr,
                "--data-dir", str(self.data_dir)]  # fmt: skip
-        for key, value in self.opts.items():
+        # The controller requires user tokens by default; these tests speak for clients
+        # without one unless they ask for auth="required".
+        for key, value in {"auth": "open", **self.opts}.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
         self.log_path = self.data_dir / "controller.stderr"
         # The token comes from opts or the data dir, never from the caller's environment.

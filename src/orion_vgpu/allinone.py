@@ -289,6 +289,7 @@ class Up:
         self.children.append(Child("controller", [
             sys.executable, "-m", "orion_vgpu.cli", "controller", "--listen", plan.listen,
             "--data-dir", str(plan.controller_dir), "--log-file", str(plan.log_dir / "controller.log"),
+            "--auth", "open",  # a pool on this machine: programs need no user token
         ], plan.log_dir / "controller.out"))  # fmt: skip
         self._wait("the controller to answer", self._controller_answers)
         self.children.append(Child("Orion Server", [

@@ -37,6 +37,9 @@ def _controller(args: argparse.Namespace) -> int:
             heartbeat_interval_s=args.heartbeat_interval_s,
             log_file=args.log_file or log_dir / "controller.log",
             policy=args.policy,
+            auth=args.auth,
+            public_read=args.public_read,
+            admin_password=args.admin_password,  # None: ORION_ADMIN_PASSWORD, else generated once
         )
     except (ValueError, SettingsError, StoreError) as exc:
         raise UserError(str(exc)) from None
@@ -98,6 +101,12 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
 
 
+def _user(args: argparse.Namespace) -> int:
+    from orion_vgpu.tools import users
+
+    return users.run(args)
+
+
 def _version(_args: argparse.Namespace) -> int:
     print(
         f"orion-vgpu {__version__} (api_version={API_VERSION},data_version={DATA_VERSION}, "
@@ -148,6 +157,9 @@ def _add_controller(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--heartbeat-interval-s", type=float, default=2.0, help="server heartbeat interval (default %(default)s)")
     p.add_argument("--policy", choices=("binpack", "spread"), default="binpack", help="default placement policy")
     p.add_argument("--log-file", type=Path, help="log file (default /var/log/orion/controller.log, or ~/.orion/log/controller/)")
+    p.add_argument("--auth", choices=("required", "open"), default="required", help="required: allocations need a user token (ORION_TOKEN); open: recorded as the OS user the client reports (default %(default)s)")
+    p.add_argument("--public-read", action=argparse.BooleanOptionalAction, default=None, help="pool summary, dashboard pages and /metrics readable without signing in (default: only with --auth open)")
+    p.add_argument("--admin-password", help="admin's password (default env ORION_ADMIN_PASSWORD, else generated at first start and printed once)")
     return _controller
 
 
@@ -194,6 +206,13 @@ def _add_run(p: argparse.ArgumentParser) -> Handler:
     return _run
 
 
+def _add_user(p: argparse.ArgumentParser) -> Handler:
+    from orion_vgpu.tools.users import add_arguments
+
+    add_arguments(p)
+    return _user
+
+
 def _add_version(_p: argparse.ArgumentParser) -> Handler:
     return _version
 
@@ -206,6 +225,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = 
     "shm": ("create /dev/shm/orionsock<N> for containers (same as orion-shm)", _add_shm),
     "smi": ("show the pool's GPUs, vGPUs and who holds them (same as orion-smi)", _add_smi),
     "run": ("run a command on vGPUs: orion run --vgpu 1 -- python train.py", _add_run),
+    "user": ("manage users, tokens and limits (admin token: ORION_TOKEN or --token)", _add_user),
     "version": ("print versions", _add_version),
 }
 

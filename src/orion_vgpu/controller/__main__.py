@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from orion_vgpu.controller.main import DEFAULT_LISTEN, run_controller
-from orion_vgpu.controller.settings import SettingsError
+from orion_vgpu.controller.settings import AUTH_MODES, SettingsError
 from orion_vgpu.controller.store import StoreError
 
 
@@ -51,7 +51,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="default placement policy",
     )
     p.add_argument("--log-file", type=Path, default=None, help="also write the log here")
+    add_access_arguments(p)
     return p
+
+
+def add_access_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags for who may do what; shared with `orion controller`."""
+    p.add_argument(
+        "--auth",
+        choices=AUTH_MODES,
+        default="required",
+        help="required: allocations need a user token (ORION_TOKEN); open: without one they "
+        "are recorded as the OS user the client reports (default %(default)s)",
+    )
+    p.add_argument(
+        "--public-read",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pool summary, dashboard pages and /metrics readable without signing in "
+        "(default: only with --auth open)",
+    )
+    p.add_argument(
+        "--admin-password",
+        default=None,
+        help="password of the admin user (default env ORION_ADMIN_PASSWORD, else generated "
+        "at first start and printed once; prefer the env: flags show in ps)",
+    )
+    p.add_argument(
+        "--sample-interval-s",
+        type=float,
+        default=60.0,
+        help="seconds between usage samples for the dashboard charts (default %(default)s)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_interval_s=args.heartbeat_interval_s,
             log_file=args.log_file,
             policy=args.policy,
+            auth=args.auth,
+            public_read=args.public_read,
+            admin_password=args.admin_password,
+            sample_interval_s=args.sample_interval_s,
         )
     except (ValueError, SettingsError, StoreError) as exc:
         print(f"orion controller: {exc}", file=sys.stderr)

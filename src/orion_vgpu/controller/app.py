@@ -1,33 +1,47 @@
-"""FastAPI app of the controller: the REST API of docs/architecture.md under /api/v1."""
+"""FastAPI app of the controller: REST API (/api/v1), dashboard pages, /metrics."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI must see the dependency types
+# (local Annotated aliases) as objects, not strings.
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated
+from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orion_vgpu import __version__
-from orion_vgpu.controller import schemas
-from orion_vgpu.controller.service import ApiError, ControllerService
+from orion_vgpu.controller.accounts import Principal
+from orion_vgpu.controller.api import API_PREFIX, client_routes, dashboard_routes, server_routes
+from orion_vgpu.controller.auth import Gate, LoginRequired, check_routes
+from orion_vgpu.controller.errors import ApiError
+from orion_vgpu.controller.forms import PageError
+from orion_vgpu.controller.pages import page_routes
+from orion_vgpu.controller.render import STATIC, is_partial, render_page
+from orion_vgpu.controller.service import ControllerService
 from orion_vgpu.controller.settings import (
     ControllerSettings,
+    SettingsError,
     prepare_data_dir,
+    resolve_admin_password,
     resolve_pool_token,
 )
+from orion_vgpu.controller.users_api import login_routes, user_routes
 
 log = logging.getLogger("orion.controller")
 
-API_PREFIX = "/api/v1"
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
@@ -36,21 +50,51 @@ _STATUS_CODES = {
 }
 
 
-def create_app(settings: ControllerSettings) -> FastAPI:
+def announce_password(password: str) -> None:
+    """Stdout only, once: never through logging, so it is in no log file."""
+    print(
+        f"orion controller: created user admin with password {password} (shown only this "
+        "once; sign in to the dashboard and change it, or restart with ORION_ADMIN_PASSWORD)",
+        file=sys.stdout,
+        flush=True,
+    )
+
+
+def create_app(
+    settings: ControllerSettings, announce: Callable[[str], None] = announce_password
+) -> FastAPI:
     """Build the app; opens the store and loads state now so errors surface at startup."""
     prepare_data_dir(settings.data_dir)
     token, token_source = resolve_pool_token(settings.data_dir, settings.pool_token)
     service = ControllerService(settings, token)
+    password, password_source = resolve_admin_password(settings.admin_password)
+    try:
+        generated = service.accounts.bootstrap_admin(password)
+    except ApiError as exc:
+        service.close()
+        raise SettingsError(f"{password_source}: {exc.detail}") from None
+    if generated:
+        announce(generated)
+    gate = Gate(service)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        reaper = asyncio.create_task(_reap_forever(service), name="orion-reaper")
+        tasks = [
+            asyncio.create_task(_every(settings.reap_interval_s, service.reap, "reaper"),
+                                name="orion-reaper"),
+            asyncio.create_task(_every(settings.sample_interval_s, service.sample, "usage sample",
+                                       first=True), name="orion-sampler"),
+            asyncio.create_task(_every(60.0, service.accounts.expire_sessions, "session expiry"),
+                                name="orion-sessions"),
+        ]  # fmt: skip
         try:
             yield
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             service.close()
 
     app = FastAPI(
@@ -62,100 +106,85 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         redoc_url=None,
     )
     app.state.service = service
+    app.state.gate = gate
     app.state.token_source = token_source
-    _install_error_handlers(app)
-    app.include_router(_client_routes(service), prefix=API_PREFIX)
-    app.include_router(_server_routes(service), prefix=API_PREFIX)
+    app.state.admin_password_source = password_source
+    _install_error_handlers(app, service)
+    client_routes(app, gate)
+    dashboard_routes(app, gate)
+    user_routes(app, gate, API_PREFIX)
+    login_routes(app, gate, API_PREFIX)
+    server_routes(app, gate)
+    page_routes(app, gate)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(_who: Annotated[Principal, Depends(gate.reader)]) -> Response:
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    check_routes(app, gate.write_guards())
     return app
 
 
-async def _reap_forever(service: ControllerService) -> None:
-    interval = service.settings.reap_interval_s
+async def _every(interval: float, job: Callable[[], object], what: str, first: bool = False) -> None:
+    if first:
+        _run(job, what)
     while True:
         await asyncio.sleep(interval)
-        try:
-            service.reap()
-        except Exception:  # keep reaping: one bad row must not stop lease enforcement
-            log.exception("reaper pass failed")
+        _run(job, what)
 
 
-def _client_routes(service: ControllerService) -> APIRouter:
-    r = APIRouter()
-
-    @r.get("/info")
-    async def info() -> JSONResponse:
-        return JSONResponse(service.info())
-
-    @r.get("/pool")
-    async def pool() -> JSONResponse:
-        return JSONResponse(service.pool())
-
-    @r.post("/allocations", status_code=201)
-    async def allocate(body: schemas.AllocationIn, request: Request) -> JSONResponse:
-        result = await service.allocate(body, request.is_disconnected)
-        return JSONResponse(result, status_code=201)
-
-    @r.get("/allocations")
-    async def list_allocations(
-        state: Literal["active", "ended", "all"] = "active",
-        limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
-    ) -> JSONResponse:
-        return JSONResponse(service.list_allocations(state, limit))
-
-    @r.get("/allocations/{alloc_id}")
-    async def get_allocation(alloc_id: str) -> JSONResponse:
-        return JSONResponse(service.get(alloc_id))
-
-    @r.delete("/allocations/{alloc_id}")
-    async def release(alloc_id: str) -> JSONResponse:
-        return JSONResponse(service.release(alloc_id))
-
-    return r
+def _run(job: Callable[[], object], what: str) -> None:
+    try:
+        job()
+    except Exception:  # keep going: one bad row must not stop lease enforcement
+        log.exception("%s pass failed", what)
 
 
-def _server_routes(service: ControllerService) -> APIRouter:
-    async def pool_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        service.check_token(authorization)
-
-    r = APIRouter(prefix="/nodes", dependencies=[Depends(pool_token)])
-
-    @r.post("/register")
-    async def register(body: schemas.RegisterIn) -> JSONResponse:
-        return JSONResponse(service.register(body))
-
-    @r.post("/{node_id}/heartbeat")
-    async def heartbeat(node_id: str, body: schemas.HeartbeatIn) -> JSONResponse:
-        return JSONResponse(service.heartbeat(node_id, body))
-
-    @r.post("/{node_id}/events")
-    async def events(node_id: str, body: schemas.EventIn) -> JSONResponse:
-        return JSONResponse(service.event(node_id, body))
-
-    return r
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-def _error(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """Every error, including FastAPI's own 404/405/422, is {"error", "detail"}."""
+def _install_error_handlers(app: FastAPI, service: ControllerService) -> None:
+    """Every API error, including FastAPI's own 404/405/422, is {"error", "detail"};
+    dashboard pages answer with an HTML page or a redirect to sign in."""
+    failure = service.metrics.failure
 
     @app.exception_handler(ApiError)
     async def api_error(_req: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.detail)
+        failure(exc.code)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return _error(exc.status, exc.code, exc.detail, headers)
+
+    @app.exception_handler(LoginRequired)
+    async def login_required(req: Request, _exc: LoginRequired) -> Response:
+        failure("unauthorized")
+        if is_partial(req):
+            return _error(401, "unauthorized", "sign in again")
+        target = req.url.path + (f"?{req.url.query}" if req.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target, safe='/')}", 303)
+
+    @app.exception_handler(PageError)
+    async def page_error(req: Request, exc: PageError) -> Response:
+        failure(_STATUS_CODES.get(exc.status, "error"))
+        return render_page(req, "error.html", {"title": "Error", "status": exc.status,
+                                               "message": exc.message, "me": None, "page": "",
+                                               "refresh": 0}, exc.status)  # fmt: skip
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
+        failure(code)
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        failure("invalid_request")
         return _error(422, "invalid_request", _validation_text(exc))
 
     @app.exception_handler(Exception)
     async def internal(req: Request, exc: Exception) -> JSONResponse:
+        failure("internal_error")
         log.exception("internal error on %s %s", req.method, req.url.path)
         return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 

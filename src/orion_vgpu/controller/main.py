@@ -60,8 +60,18 @@ def run_controller(
     heartbeat_interval_s: float = 2.0,
     log_file: Path | None = None,
     policy: str = "binpack",
+    auth: str = "required",
+    public_read: bool | None = None,
+    admin_password: str | None = None,
+    sample_interval_s: float = 60.0,
 ) -> None:
-    """Serve the controller until interrupted. Raises ValueError/SettingsError on bad input."""
+    """Serve the controller until interrupted. Raises ValueError/SettingsError on bad input.
+
+    ``auth="required"``: allocations need a user token; ``"open"``: they may come without
+    one (recorded as the OS user the client reports). ``admin_password`` (else env
+    ORION_ADMIN_PASSWORD) sets the admin's password; without either, the first start
+    prints a generated one on stdout, once.
+    """
     import uvicorn
 
     from orion_vgpu.controller.app import create_app
@@ -75,15 +85,26 @@ def run_controller(
         lease_s=lease_s,
         heartbeat_interval_s=heartbeat_interval_s,
         policy=policy,
+        auth=auth,
+        public_read=public_read,
+        admin_password=admin_password,
+        sample_interval_s=sample_interval_s,
     )
     app = create_app(settings)
     db = db_url.split("://", 1)[0] + "://…" if db_url else str(settings.data_dir / "controller.db")
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     shown = f"[{shown}]" if ":" in shown else shown
+    reads = "open" if settings.reads_open else "need a token or sign-in"
     print(
         f"orion controller {app.version} API http://{shown}:{port}/api/v1 "
         f"(listening on {host}:{port}; data {settings.data_dir}; db {db}; "
         f"pool token from {app.state.token_source})",
+        flush=True,
+    )
+    print(
+        f"orion controller dashboard http://{shown}:{port}/ (auth {settings.auth}: allocations "
+        f"{'need a user token' if settings.auth == 'required' else 'may come without a token'}; "
+        f"reads {reads})",
         flush=True,
     )
     config = uvicorn.Config(

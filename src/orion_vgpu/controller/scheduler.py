@@ -39,6 +39,17 @@ class NoFit(SchedulingError):
     """The pool has no room for the request right now."""
 
 
+class OverLimit(SchedulingError):
+    """The request would take its user over a per-user limit.
+
+    ``can_wait`` is False when the request alone exceeds the limit: waiting cannot help.
+    """
+
+    def __init__(self, message: str, can_wait: bool) -> None:
+        super().__init__(message)
+        self.can_wait = can_wait
+
+
 @dataclass(frozen=True, slots=True)
 class GpuSpec:
     """A physical GPU as a node registers it."""
@@ -57,6 +68,23 @@ class Request:
     ratio: int | None = None  # None: the chosen GPU's default (100 // n)
     cross_node: bool = False
     policy: Policy | None = None  # None: the pool's default policy
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-user caps over the user's live allocations; None means no cap."""
+
+    max_vgpus: int | None = None
+    max_gmem_mib: int | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    """What one user holds right now."""
+
+    vgpus: int = 0
+    gmem_mib: int = 0
+    allocations: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +151,8 @@ class Node:
     max_free_ratio: int = 0
     idle_gpus: int = 0
     slots: int = 0
+    mem_total: int = 0  # for pool totals without a pass over every GPU
+    emulated: int = 0
     key: tuple[int, str, str] = (0, "", "")
 
     def refresh(self) -> None:
@@ -135,6 +165,8 @@ class Node:
         self.max_free_ratio = max((g.free_ratio for g in gpus), default=0)
         self.idle_gpus = sum(1 for g in gpus if g.placed == 0)
         self.slots = sum(g.vgpu_count for g in gpus)
+        self.mem_total = sum(g.spec.memory_mib for g in gpus)
+        self.emulated = sum(1 for g in gpus if g.spec.emulated)
         self.key = (self.free_mem, self.name, self.id)
 
     def may_hold(self, k: int, gmem: int | None, ratio: int | None) -> bool:
@@ -157,6 +189,8 @@ class Scheduler:
         self.default_policy: Policy = default_policy
         self.nodes: dict[str, Node] = {}
         self.allocations: dict[str, list[Placement]] = {}
+        self.owners: dict[str, str] = {}  # allocation id -> user (only for owned ones)
+        self.usage: dict[str, Usage] = {}  # user -> what their live allocations hold
         self._order: list[tuple[int, str, str]] = []  # keys of up nodes, ascending free mem
         self._free = 0  # free default vGPUs over up nodes, kept with _order
         self._slots = 0  # vgpu_count summed over GPUs of up nodes
@@ -193,6 +227,7 @@ class Scheduler:
         self._index(node)
         for alloc_id in lost:  # nothing of theirs was taken on this node: free the rest
             places = self.allocations.pop(alloc_id)
+            self._disown(alloc_id, places)
             self._give_back([p for p in places if p.node_id != node_id])
         return lost
 
@@ -247,15 +282,45 @@ class Scheduler:
 
     # ----- allocations -------------------------------------------------------------------
 
-    def allocate(self, alloc_id: str, req: Request) -> list[Placement]:
-        """Decide and apply placements for ``req``; raise BadRequest or NoFit."""
+    def allocate(
+        self,
+        alloc_id: str,
+        req: Request,
+        owner: str | None = None,
+        limits: Limits | None = None,
+    ) -> list[Placement]:
+        """Decide and apply placements for ``req``; raise BadRequest, NoFit or OverLimit.
+
+        ``owner``'s live allocations count against ``limits``; the check runs after
+        planning because default-sized vGPUs get their size from the chosen GPU.
+        """
         if alloc_id in self.allocations:
             raise ValueError(f"allocation {alloc_id} already placed")
+        if limits is not None and limits.max_vgpus is not None and req.vgpu > limits.max_vgpus:
+            held = self.usage.get(owner or "")
+            raise OverLimit(_limit_text(owner, limits, held, req.vgpu, None), can_wait=False)
         placements = self.plan(req)
-        self.apply(alloc_id, placements)
+        if limits is not None:
+            self._check_limits(owner or "", limits, placements)
+        self.apply(alloc_id, placements, owner)
         return placements
 
-    def apply(self, alloc_id: str, placements: list[Placement]) -> None:
+    def _check_limits(self, owner: str, limits: Limits, placements: list[Placement]) -> None:
+        gmem = sum(p.gmem_mib for p in placements)
+        held = self.usage.get(owner) or Usage()
+        alone = (limits.max_vgpus is not None and len(placements) > limits.max_vgpus) or (
+            limits.max_gmem_mib is not None and gmem > limits.max_gmem_mib
+        )
+        over = (limits.max_vgpus is not None and held.vgpus + len(placements) > limits.max_vgpus) or (
+            limits.max_gmem_mib is not None and held.gmem_mib + gmem > limits.max_gmem_mib
+        )
+        if alone or over:
+            raise OverLimit(_limit_text(owner, limits, held, len(placements), gmem), can_wait=not alone)
+
+    def holding(self, owner: str) -> Usage:
+        return self.usage.get(owner) or Usage()
+
+    def apply(self, alloc_id: str, placements: list[Placement], owner: str | None = None) -> None:
         """Record placements (decided by plan, or restored from the store)."""
         # Resolve every GPU first so an unknown one (KeyError) leaves no partial state.
         gpus = [
@@ -266,14 +331,32 @@ class Scheduler:
             _take(gpu, p.gmem_mib, p.ratio)
             touched[node.id] = node
         self.allocations[alloc_id] = list(placements)
+        if owner is not None:
+            self.owners[alloc_id] = owner
+            held = self.usage.setdefault(owner, Usage())
+            held.vgpus += len(placements)
+            held.gmem_mib += sum(p.gmem_mib for p in placements)
+            held.allocations += 1
         for node in touched.values():
             self._changed(node)
 
     def release(self, alloc_id: str) -> list[Placement]:
         """Return an allocation's resources to the pool (no-op if unknown)."""
         placements = self.allocations.pop(alloc_id, [])
+        self._disown(alloc_id, placements)
         self._give_back(placements)
         return placements
+
+    def _disown(self, alloc_id: str, placements: list[Placement]) -> None:
+        owner = self.owners.pop(alloc_id, None)
+        held = self.usage.get(owner) if owner is not None else None
+        if held is None:
+            return
+        held.vgpus -= len(placements)
+        held.gmem_mib -= sum(p.gmem_mib for p in placements)
+        held.allocations -= 1
+        if held.allocations <= 0:
+            del self.usage[owner]  # type: ignore[arg-type]
 
     def _give_back(self, placements: list[Placement]) -> None:
         touched: dict[str, Node] = {}
@@ -419,6 +502,23 @@ def _single_vgpu_reason(gmem: int | None, ratio: int | None, up: list[Node]) -> 
     mem = f"{gmem} MiB" if gmem is not None else "its default memory"
     share = f"{ratio}% compute" if ratio is not None else "its default compute"
     return f"no GPU has a free vGPU slot with {mem} and {share} free at the same time"
+
+
+def _limit_text(
+    owner: str | None, limits: Limits, held: Usage | None, vgpus: int, gmem: int | None
+) -> str:
+    held = held or Usage()
+    caps = []
+    if limits.max_vgpus is not None:
+        caps.append(f"{limits.max_vgpus} vGPU")
+    if limits.max_gmem_mib is not None:
+        caps.append(f"{limits.max_gmem_mib} MiB GPU memory")
+    asked = f"{vgpus} vGPU" + (f" / {gmem} MiB" if gmem is not None else "")
+    return (
+        f"user {owner or '?'} may hold at most {' and '.join(caps)}: holds {held.vgpus} vGPU / "
+        f"{held.gmem_mib} MiB, asked {asked}; release some or ask an admin to raise the limit "
+        f"(orion user limit {owner or 'NAME'} ...)"
+    )
 
 
 def _gmem_text(req: Request) -> str:

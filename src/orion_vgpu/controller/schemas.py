@@ -10,26 +10,31 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 MAX_GPUS_PER_NODE = 256
+# Bounds below keep every stored integer inside SQLite's 64 bits (a bigger one used to
+# reach the store and fail with a 500) while staying far above any real value.
+MAX_MIB = 2**31 - 1  # 2 PiB of GPU memory
+MAX_BYTES = 2**62
+MAX_PID = 2**32
 
 
 class AllocationIn(BaseModel):
     vgpu: int = Field(1, ge=1, le=4096)
-    gmem_mib: int | None = Field(None, ge=1)
+    gmem_mib: int | None = Field(None, ge=1, le=MAX_MIB)
     ratio: int | None = Field(None, ge=1, le=100)
     cross_node: bool = False
     policy: Literal["binpack", "spread"] | None = None
     wait_s: float = Field(0.0, ge=0, le=86400)
     user: str = Field("", max_length=256)
     host: str = Field("", max_length=256)
-    pid: int | None = None
+    pid: int | None = Field(None, ge=0, le=MAX_PID)
     command: str = Field("", max_length=4096)
 
 
 class GpuIn(BaseModel):
-    index: int = Field(ge=0)
+    index: int = Field(ge=0, le=65535)
     uuid: str = Field(min_length=1, max_length=128)
     name: str = Field(max_length=255)
-    memory_mib: int = Field(ge=1)
+    memory_mib: int = Field(ge=1, le=MAX_MIB)
     emulated: bool = False
 
 
@@ -38,7 +43,7 @@ class RegisterIn(BaseModel):
     addr: str = Field(min_length=1, max_length=300)
     unix_socket: str | None = Field(None, max_length=1024)
     version: str = Field("", max_length=64)
-    protocol_version: int | None = None
+    protocol_version: int | None = Field(None, ge=0, le=2**31 - 1)
     vgpu_count: int = Field(ge=1, le=64)
     gpus: list[GpuIn] = Field(max_length=MAX_GPUS_PER_NODE)
 
@@ -54,14 +59,14 @@ class RegisterIn(BaseModel):
 
 class SessionIn(BaseModel):
     allocation_id: str = Field(max_length=64)
-    vgpu_index: int = Field(ge=0)
-    mem_used_bytes: int = 0
+    vgpu_index: int = Field(ge=0, le=65535)
+    mem_used_bytes: int = Field(0, ge=-MAX_BYTES, le=MAX_BYTES)  # wide: a refused beat downs the node
     busy_pct: float = 0.0
 
 
 class GpuUsageIn(BaseModel):
     uuid: str = Field(max_length=128)
-    mem_used_bytes: int = 0
+    mem_used_bytes: int = Field(0, ge=-MAX_BYTES, le=MAX_BYTES)  # wide: a refused beat downs the node
     busy_pct: float = 0.0
 
 
@@ -74,5 +79,5 @@ class HeartbeatIn(BaseModel):
 class EventIn(BaseModel):
     type: Literal["session_started", "session_ended"]
     allocation_id: str = Field(max_length=64)
-    vgpu_index: int = Field(0, ge=0)
+    vgpu_index: int = Field(0, ge=0, le=65535)
     reason: str | None = Field(None, max_length=1024)

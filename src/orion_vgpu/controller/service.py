@@ -18,10 +18,18 @@ from typing import Any
 
 from orion_vgpu import API_VERSION, DATA_VERSION, __version__
 from orion_vgpu.controller import schemas
+from orion_vgpu.controller.accounts import Accounts
+from orion_vgpu.controller.accounts_store import AccountStore
+from orion_vgpu.controller.errors import ApiError
+from orion_vgpu.controller.history import Sample, UsageHistory
+from orion_vgpu.controller.metrics import ControllerMetrics
+from orion_vgpu.controller.poolstats import per_user, totals
 from orion_vgpu.controller.scheduler import (
     BadRequest,
     GpuSpec,
+    Limits,
     NoFit,
+    OverLimit,
     Placement,
     Request,
     Scheduler,
@@ -43,14 +51,16 @@ GRANT_GRACE_S = 300.0  # grants outlive the lease a little: clock skew, slow cli
 PERSIST_HEARTBEAT_S = 30.0  # heartbeats are frequent; the store only needs a recent one
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": code, "detail": detail}`` with ``status``."""
+__all__ = ["ApiError", "ControllerService", "NodeInfo", "Owner"]
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who an allocation is for, as the API layer authenticated it."""
+
+    user: str  # recorded as the allocation's user
+    via: str  # "token", "session" or "none" (open mode: the user the client reported)
+    limits: Limits | None = None
 
 
 @dataclass(slots=True)
@@ -96,12 +106,20 @@ class ControllerService:
         self.scheduler = Scheduler(settings.policy)  # type: ignore[arg-type]
         self.nodes: dict[str, NodeInfo] = {}
         self.node_ids: dict[str, str] = {}  # name -> id
+        self.node_version = 0  # bumped when a node registers (new name or new GPUs)
+        self.view_cache: dict[str, Any] = {}  # views.py keeps derived data here
         self.live: dict[str, StoredAllocation] = {}  # pending and active allocations
         self.by_node: dict[str, set[str]] = {}
         self.reported: dict[tuple[str, int], float] = {}  # last time a server listed a session
+        # (allocation, vGPU) -> (memory used bytes, busy %) from the node's last heartbeat
+        self.vgpu_live: dict[tuple[str, int], tuple[int, float]] = {}
+        self.metrics = ControllerMetrics()
         self.started_at = clock()
         self._changed = asyncio.Event()
+        self.accounts = Accounts(AccountStore(self.store.engine), settings.session_ttl_s, clock)
+        self.history = UsageHistory(self.store.engine, settings.history_keep_s, self.started_at)
         self._load()
+        self.metrics.attach(self)
 
     # ----- startup -----------------------------------------------------------------------
 
@@ -120,7 +138,7 @@ class ControllerService:
                 self.store.update_node(node.id, state="down")
         for a in self.store.load_allocations(LIVE_STATES):
             try:
-                self.scheduler.apply(a.id, [_placement(v) for v in a.vgpus])
+                self.scheduler.apply(a.id, [_placement(v) for v in a.vgpus], a.user)
             except KeyError:
                 self.store.end_allocation(
                     a.id, "failed", self.clock(), "GPU unknown after controller restart"
@@ -136,7 +154,16 @@ class ControllerService:
     def close(self) -> None:
         self.store.close()
 
+    def sample(self) -> Sample:
+        """Record the pool's usage now (for the charts); returns the sample."""
+        s = Sample.of(self.clock(), totals(self), per_user(self))
+        self.history.record(s)
+        return s
+
     # ----- auth --------------------------------------------------------------------------
+
+    def is_pool_token(self, value: str) -> bool:
+        return hmac.compare_digest(value.encode(), self._token)
 
     def check_token(self, authorization: str | None) -> None:
         scheme, _, value = (authorization or "").partition(" ")
@@ -189,12 +216,16 @@ class ControllerService:
         }
 
     async def allocate(
-        self, body: schemas.AllocationIn, gone: Callable[[], Awaitable[bool]] | None = None
+        self,
+        body: schemas.AllocationIn,
+        gone: Callable[[], Awaitable[bool]] | None = None,
+        owner: Owner | None = None,
     ) -> dict[str, Any]:
         """Place the request now, or wait (event driven) up to ``wait_s`` for room.
 
         ``gone`` tells whether the client hung up; a waiter that left must not take
-        resources nobody will use (they would sit idle until the lease lapses).
+        resources nobody will use (they would sit idle until the lease lapses). A user
+        at their limit waits the same way, for their own allocations to end.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + body.wait_s
@@ -205,30 +236,50 @@ class ControllerService:
                 raise ApiError(409, "insufficient_resources", "client went away while waiting")
             first = False
             try:
-                return self.try_allocate(body)
-            except NoFit as exc:
-                remaining = deadline - loop.time()
+                return self.try_allocate(body, owner)
+            except (NoFit, OverLimit) as exc:
+                hopeless = isinstance(exc, OverLimit) and not exc.can_wait
+                remaining = 0.0 if hopeless else deadline - loop.time()
                 if remaining <= 0:
-                    waited = f" (waited {body.wait_s:g} s)" if body.wait_s else ""
-                    raise ApiError(409, "insufficient_resources", f"{exc}{waited}") from None
+                    waited = f" (waited {body.wait_s:g} s)" if body.wait_s and not hopeless else ""
+                    code = "limit_exceeded" if isinstance(exc, OverLimit) else "insufficient_resources"
+                    raise ApiError(409, code, f"{exc}{waited}") from None
             try:
                 await asyncio.wait_for(changed.wait(), remaining)
             except TimeoutError:
                 pass
 
-    def try_allocate(self, body: schemas.AllocationIn) -> dict[str, Any]:
+    def try_allocate(self, body: schemas.AllocationIn, owner: Owner | None = None) -> dict[str, Any]:
+        """Place now or raise NoFit / OverLimit (ApiError 400 for an impossible request).
+
+        Without an authenticated owner (open mode) the allocation is recorded under the
+        user the client reported; that name still counts in per-user usage and charts.
+        """
+        user = owner.user if owner else (body.user or "anonymous")
         req = Request(body.vgpu, body.gmem_mib, body.ratio, body.cross_node, body.policy)
         alloc_id = str(uuid.uuid4())
+        started = time.perf_counter()
+        outcome = "granted"
         try:
-            placements = self.scheduler.allocate(alloc_id, req)
+            placements = self.scheduler.allocate(alloc_id, req, user, owner.limits if owner else None)
         except BadRequest as exc:
+            outcome = "bad_request"
             raise ApiError(400, "bad_request", str(exc)) from None
+        except NoFit:
+            outcome = "no_fit"
+            raise
+        except OverLimit:
+            outcome = "over_limit"
+            raise
+        finally:
+            self.metrics.schedule_seconds(time.perf_counter() - started, outcome)
         now = self.clock()
+        request = body.model_dump(include={"vgpu", "gmem_mib", "ratio", "cross_node", "policy", "wait_s"})
+        request.update(os_user=body.user, auth=owner.via if owner else "none")
         a = StoredAllocation(
-            id=alloc_id, state="pending", user=body.user, host=body.host, pid=body.pid,
+            id=alloc_id, state="pending", user=user, host=body.host, pid=body.pid,
             command=body.command, created_at=now, ended_at=None, end_reason=None,
-            lease_expires_at=now + self.settings.lease_s,
-            request=body.model_dump(include={"vgpu", "gmem_mib", "ratio", "cross_node", "policy", "wait_s"}),
+            lease_expires_at=now + self.settings.lease_s, request=request,
             vgpus=[StoredVgpu(p.index, p.node_id, p.gpu_uuid, p.gpu_index, p.gmem_mib, p.ratio) for p in placements],
         )  # fmt: skip
         try:
@@ -237,6 +288,7 @@ class ControllerService:
             self.scheduler.release(alloc_id)
             raise
         self._track(a)
+        self.metrics.allocation_created(user)
         grants = {p.index: self._grant(a, p, now) for p in placements}
         log.info(
             "allocation %s granted %d vGPU on %s to %s",
@@ -267,11 +319,15 @@ class ControllerService:
             allocs = [self.live.get(a.id, a) for a in allocs]
         return [self.alloc_json(a) for a in allocs]
 
-    def release(self, alloc_id: str) -> dict[str, Any]:
+    def release(self, alloc_id: str, reason: str = "released by client") -> dict[str, Any]:
         a = self._find(alloc_id)
         if a.id in self.live:
-            self._end(a, "released", "released by client")
+            self._end(a, "released", reason)
         return self.alloc_json(a)
+
+    def find(self, alloc_id: str) -> StoredAllocation:
+        """The allocation (live or from the store); ApiError 404 if unknown."""
+        return self._find(alloc_id)
 
     def _find(self, alloc_id: str) -> StoredAllocation:
         a = self.live.get(alloc_id)
@@ -298,6 +354,7 @@ class ControllerService:
         lost = self.scheduler.upsert_node(node_id, body.name, body.vgpu_count, specs, up=True)
         self.nodes[node_id] = node
         self.node_ids[body.name] = node_id
+        self.node_version += 1  # views cache their node ordering on this
         gpu_rows = [
             {"index": s.index, "uuid": s.uuid, "name": s.name, "memory_mib": s.memory_mib,
              "vgpu_count": body.vgpu_count, "emulated": s.emulated}
@@ -342,6 +399,11 @@ class ControllerService:
         """The server's session list is the truth: it proves sessions started, and a
         started session it stops listing (server restarted, event lost) is gone."""
         listed = {(s.allocation_id, s.vgpu_index) for s in sessions}
+        for s in sessions:
+            a = self.live.get(s.allocation_id)
+            # Only vGPUs this node really holds: a node must not report for another's.
+            if a is not None and 0 <= s.vgpu_index < len(a.vgpus) and a.vgpus[s.vgpu_index].node_id == node.id:
+                self.vgpu_live[(s.allocation_id, s.vgpu_index)] = (s.mem_used_bytes, s.busy_pct)
         timeout = self.settings.heartbeat_timeout_s
         for alloc_id in list(self.by_node.get(node.id, ())):
             a = self.live[alloc_id]
@@ -420,7 +482,9 @@ class ControllerService:
         self.live.pop(a.id, None)
         for v in a.vgpus:
             self.reported.pop((a.id, v.index), None)
+            self.vgpu_live.pop((a.id, v.index), None)
             self.by_node.get(v.node_id, set()).discard(a.id)
+        self.metrics.allocation_ended(a.user, state)
         log.info("allocation %s %s (%s) after %.1f s: %d vGPU on %s of %s", a.id, state, reason,
                  now - a.created_at, len(a.vgpus), self._where(a), _who(a))  # fmt: skip
         self._notify()

@@ -6,7 +6,7 @@ import logging
 import os
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orion_vgpu.controller.scheduler import POLICIES
@@ -21,6 +21,10 @@ class SettingsError(Exception):
     """A setting the operator gave is unusable (message is one line for the user)."""
 
 
+AUTH_MODES = ("required", "open")
+ADMIN_PASSWORD_ENV = "ORION_ADMIN_PASSWORD"
+
+
 @dataclass(frozen=True)
 class ControllerSettings:
     data_dir: Path
@@ -29,8 +33,27 @@ class ControllerSettings:
     lease_s: float = 30.0
     heartbeat_interval_s: float = 2.0
     policy: str = "binpack"
+    # "required": allocations need a user token; "open": without one they are recorded
+    # as the OS user the client reports (all-in-one pools, tests).
+    auth: str = "required"
+    # Pool summary, pages and /metrics readable without logging in; None: only when open.
+    public_read: bool | None = None
+    # None: env ORION_ADMIN_PASSWORD, else generated at first start and printed once.
+    admin_password: str | None = field(default=None, repr=False)
+    session_ttl_s: float = 12 * 3600.0
+    login_max_failures: int = 5  # per user name and window; 4x that per client address
+    login_window_s: float = 300.0
+    sample_interval_s: float = 60.0  # usage history for the dashboard charts
+    history_keep_s: float = 7 * 86400.0
 
     def __post_init__(self) -> None:
+        if self.auth not in AUTH_MODES:
+            raise SettingsError(f"unknown auth mode {self.auth!r}; use required or open")
+        for name in ("session_ttl_s", "login_window_s", "sample_interval_s", "history_keep_s"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.login_max_failures < 1:
+            raise SettingsError("login_max_failures must be at least 1")
         if self.lease_s <= 0:
             raise SettingsError(f"lease must be positive seconds, got {self.lease_s}")
         if self.heartbeat_interval_s <= 0:
@@ -44,6 +67,10 @@ class ControllerSettings:
     def heartbeat_timeout_s(self) -> float:
         # Three missed heartbeats: one lost packet or a slow GC pause is not a dead node.
         return 3 * self.heartbeat_interval_s
+
+    @property
+    def reads_open(self) -> bool:
+        return self.public_read if self.public_read is not None else self.auth == "open"
 
     @property
     def reap_interval_s(self) -> float:
@@ -103,6 +130,16 @@ def resolve_pool_token(data_dir: Path, given: str | None) -> tuple[str, str]:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token, str(path)
+
+
+def resolve_admin_password(given: str | None) -> tuple[str | None, str]:
+    """(password or None, where it came from) for the first/forced admin password."""
+    if given:
+        return given, "--admin-password"
+    env = os.environ.get(ADMIN_PASSWORD_ENV)
+    if env:
+        return env, ADMIN_PASSWORD_ENV
+    return None, "generated"
 
 
 def _read_token(path: Path) -> str:

@@ -20,11 +20,15 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    and_,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
+    func,
     insert,
+    or_,
     select,
     update,
 )
@@ -80,7 +84,7 @@ class AllocationRow(Base):
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     command: Mapped[str] = mapped_column(String(4096), default="")
     created_at: Mapped[float] = mapped_column(Float, index=True)
-    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     end_reason: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     lease_expires_at: Mapped[float] = mapped_column(Float)
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -145,6 +149,9 @@ class Store:
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             Base.metadata.create_all(self.engine)
+            # Tables made by older versions lack indexes added since; create_all skips them.
+            for index in ALLOCS.indexes:
+                index.create(self.engine, checkfirst=True)
         except (SQLAlchemyError, ImportError) as exc:
             shown = _redact(url)
             raise StoreError(f"cannot open database {shown}: {str(exc).splitlines()[0]}") from exc
@@ -224,15 +231,23 @@ class Store:
         states: Sequence[str] | None = None,
         alloc_id: str | None = None,
         limit: int | None = None,
+        offset: int = 0,
+        order_by_end: bool = False,
+        user: str | None = None,
     ) -> list[StoredAllocation]:
-        """Allocations (newest first) by state and/or id, with their vGPUs."""
-        q = select(ALLOCS).order_by(ALLOCS.c.created_at.desc())
+        """Allocations (newest first, or last ended first) by state and/or id, with vGPUs."""
+        order = ALLOCS.c.ended_at.desc() if order_by_end else ALLOCS.c.created_at.desc()
+        q = select(ALLOCS).order_by(order, ALLOCS.c.id)
         if states is not None:
             q = q.where(ALLOCS.c.state.in_(list(states)))
         if alloc_id is not None:
             q = q.where(ALLOCS.c.id == alloc_id)
+        if user is not None:
+            q = q.where(ALLOCS.c.user == user)
         if limit is not None:
             q = q.limit(limit)
+        if offset:
+            q = q.offset(offset)
         with self.engine.connect() as conn:
             allocs = [_alloc_from(dict(r._mapping)) for r in conn.execute(q)]
             if not allocs:
@@ -243,6 +258,43 @@ class Store:
                 m = dict(r._mapping)
                 by_id[m.pop("allocation_id")].vgpus.append(StoredVgpu(**m))
         return allocs
+
+
+    def count_allocations(self, states: Sequence[str], user: str | None = None) -> int:
+        q = select(func.count()).select_from(ALLOCS).where(ALLOCS.c.state.in_(list(states)))
+        if user is not None:
+            q = q.where(ALLOCS.c.user == user)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def usage_by_user(self, since: float, until: float) -> dict[str, dict[str, float]]:
+        """Per user over [since, until]: allocations that overlap it, vGPU-hours and GPU
+        memory GiB-hours within it. Aggregated in SQL: history grows, the answer does not."""
+        a, v = ALLOCS.c, VGPUS.c
+        lo = case((a.created_at < since, since), else_=a.created_at)
+        hi = case((a.ended_at.is_(None), until), (a.ended_at > until, until), else_=a.ended_at)
+        per_alloc = (
+            select(a.user.label("user"), (hi - lo).label("secs"),
+                   func.count(v.index).label("vgpus"),
+                   func.coalesce(func.sum(v.gmem_mib), 0).label("mib"))  # fmt: skip
+            .select_from(ALLOCS.outerjoin(VGPUS, v.allocation_id == a.id))
+            .where(and_(a.created_at <= until, or_(a.ended_at.is_(None), a.ended_at >= since)))
+            .group_by(a.id, a.user, a.created_at, a.ended_at)
+            .subquery()
+        )
+        q = select(
+            per_alloc.c.user,
+            func.count(),
+            func.sum(per_alloc.c.secs * per_alloc.c.vgpus),
+            func.sum(per_alloc.c.secs * per_alloc.c.mib),
+        ).group_by(per_alloc.c.user)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        return {
+            user: {"allocations": int(n), "vgpu_hours": round(float(vs or 0) / 3600, 3),
+                   "gmem_gib_hours": round(float(ms or 0) / 3600 / 1024, 3)}
+            for user, n, vs, ms in rows
+        }  # fmt: skip
 
 
 _ALLOC_COLUMNS = (
