@@ -258,6 +258,9 @@ class WorkerPool:
         # A worker must never arm the client runtime for itself, even when the daemon was
         # started from a shell that has ORION_VGPU set for client programs.
         env.pop("ORION_VGPU", None)
+        # Workers run client-chosen kernels: keep the pool's secrets out of their reach.
+        for secret in ("ORION_POOL_TOKEN", "ORION_TOKEN", "ORION_ADMIN_PASSWORD"):
+            env.pop(secret, None)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", self.module, "--control-fd", str(child.fileno())],
