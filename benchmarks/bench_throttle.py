@@ -1,17 +1,21 @@
 """Compute-share benchmark: ORION_RATIO and [throttle] throttle_level on one emulated GPU.
 
-    .venv/bin/python benchmarks/bench_throttle.py [--seconds 10] [--size 384] [--batch 8]
+    .venv/bin/python benchmarks/bench_throttle.py [--seconds 10] [--size 512] [--batch 16]
+                                                  [--repeat 1] [--cases pair100,...]
 
 1. Two programs with ORION_RATIO 25 and 75 on the same emulated GPU, the same workload
    (a loop of ``--batch`` matmuls then ``torch.cuda.synchronize()``), concurrently for
-   ``--seconds``: work each completes, and their proportion (target 1:3 within 10 %).
-   Run at throttle_level 100 (the default) and 0.
+   ``--seconds``: the work each completes and their proportion (target 1:3 within 10 %),
+   at throttle_level 100 (the default) and 0. Also the proportion of busy time the server
+   metered for the two sessions (their session logs).
 2. One program with ORION_RATIO 50 alone at throttle_level 0 and 100: the GPU busy
-   fraction the server meters (heartbeat ``busy_pct`` on the controller's ``/pool``, and
-   the session log's summary line). Targets: <= 55 % at level 0, >= 90 % at level 100.
+   fraction the server meters (heartbeat ``busy_pct`` on the controller's ``/pool``).
+   Targets: <= 55 % at level 0, >= 90 % at level 100.
 
-Each program counts the work it finishes inside a common time window, so start-up and
-shutdown (when a program may run alone) are left out.
+Each program counts the work it finishes inside a common window (opened once every
+program holds its vGPU), so start-up and shutdown are left out. The emulated GPU is the
+host's CPU: other work on the host slows ops unevenly over time, so each case prints the
+load average it ran at.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -64,8 +69,7 @@ def client(size: int, batch: int) -> None:
             break
     inside = [m for m in marks if m[0] <= end]
     (t0, n0), (t1, n1) = inside[0], inside[-1]
-    print(json.dumps({"ops": n1 - n0,
-                      "seconds": t1 - t0, "ops_per_s": (n1 - n0) / (t1 - t0)}))
+    print(json.dumps({"ops": n1 - n0, "seconds": t1 - t0, "ops_per_s": (n1 - n0) / (t1 - t0)}))
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -78,17 +82,20 @@ def _get(env: dict[str, str], path: str) -> dict | list:
 
 
 def _launch(env: dict[str, str], ratio: int, a: argparse.Namespace) -> subprocess.Popen[str]:
-    """Start a program and wait until it holds its vGPU and said READY."""
     cmd = [sys.executable, __file__, "--client", "--size", str(a.size), "--batch", str(a.batch)]
-    proc = subprocess.Popen(cmd, env=dict(env, ORION_RATIO=str(ratio)), text=True,
+    return subprocess.Popen(cmd, env=dict(env, ORION_RATIO=str(ratio)), text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if line.strip() != "READY":
-        _, err = proc.communicate(timeout=60)
-        raise SystemExit(f"client failed to start:\n{line}{err[-3000:]}")
-    return proc
+
+
+def _wait_ready(procs: list[subprocess.Popen[str]]) -> None:
+    """Every program holds its vGPU and said READY."""
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "READY":
+            _, err = proc.communicate(timeout=60)
+            raise SystemExit(f"client failed to start:\n{line}{err[-3000:]}")
 
 
 def _open_window(procs: list[subprocess.Popen[str]], seconds: float) -> float:
@@ -101,7 +108,7 @@ def _open_window(procs: list[subprocess.Popen[str]], seconds: float) -> float:
 
 
 def _collect(proc: subprocess.Popen[str]) -> dict:
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=600)
     if proc.returncode != 0:
         raise SystemExit(f"client failed:\n{err[-3000:]}")
     return json.loads(out.strip().splitlines()[-1])
@@ -114,19 +121,36 @@ def _same_gpu(env: dict[str, str]) -> bool:
     return len(items) == 2 and len(gpus) == 1
 
 
+def _session_summaries(env: dict[str, str]) -> list[str]:
+    logs = sorted((pool_dir(env) / "log" / "session").glob("*.log"))
+    return [ln.split("] ", 1)[-1] for p in logs for ln in p.read_text().splitlines()
+            if "compute share: ratio" in ln and " busy " in ln]
+
+
+def _metered_busy(lines: list[str], ratio: int) -> float:
+    for line in lines:
+        m = re.search(rf"ratio {ratio}%.*? busy ([\d.]+) s of", line)
+        if m:
+            return float(m.group(1))
+    return float("nan")
+
+
 def contended(a: argparse.Namespace, level: int) -> dict:
+    load = os.getloadavg()[0]
     with local_pool(throttle_level=level) as env:
-        p25 = _launch(env, 25, a)  # binpack puts the second program on the same GPU
-        p75 = _launch(env, 75, a)
+        # Both ask at once; binpack puts them on the same GPU.
+        procs = [_launch(env, 25, a), _launch(env, 75, a)]
+        _wait_ready(procs)
         same = _same_gpu(env)
-        _open_window([p25, p75], a.seconds)
-        r25, r75 = _collect(p25), _collect(p75)
+        _open_window(procs, a.seconds)
+        r25, r75 = (_collect(p) for p in procs)
         time.sleep(0.5)  # the workers write their summaries as the sessions end
-        summaries = _session_summaries(env)
+        lines = _session_summaries(env)
     if not same:
         raise SystemExit("the two programs did not share one GPU")
-    return {"level": level, "r25": r25, "r75": r75, "summaries": summaries,
-            "proportion": r75["ops_per_s"] / r25["ops_per_s"]}
+    return {"level": level, "load": load, "r25": r25, "r75": r75, "summaries": lines,
+            "proportion": r75["ops_per_s"] / r25["ops_per_s"],
+            "busy_proportion": _metered_busy(lines, 75) / _metered_busy(lines, 25)}
 
 
 def _busy_samples(env: dict[str, str], until: float) -> list[float]:
@@ -138,63 +162,63 @@ def _busy_samples(env: dict[str, str], until: float) -> list[float]:
     return samples
 
 
-def _session_summaries(env: dict[str, str]) -> list[str]:
-    logs = sorted((pool_dir(env) / "log" / "session").glob("*.log"))
-    return [ln.split("] ", 1)[-1] for p in logs for ln in p.read_text().splitlines()
-            if "compute share: ratio" in ln and "busy" in ln]
-
-
 def alone(a: argparse.Namespace, level: int) -> dict:
+    load = os.getloadavg()[0]
     with local_pool(throttle_level=level) as env:
         proc = _launch(env, 50, a)
+        _wait_ready([proc])
         start = _open_window([proc], a.seconds)
-        end = start + a.seconds
-        # /pool busy_pct averages the last ~5 s of the worker's reports: sample once the
-        # averaging window lies inside the measurement window.
+        # /pool busy_pct averages the worker's reports over the last ~5 s: sample once that
+        # lies inside the window.
         time.sleep(max(0.0, start + 5.0 - time.time()))
-        samples = _busy_samples(env, end)
+        samples = _busy_samples(env, start + a.seconds)
         result = _collect(proc)
-        time.sleep(0.5)  # the worker writes its summary as the session ends
-        summary = (_session_summaries(env) or ["(no summary line)"])[-1]
-    busy = re.search(r"\(([\d.]+)%\)", summary)
-    return {"level": level, "result": result, "busy_pct": sum(samples) / len(samples),
-            "samples": samples, "session_busy_pct": float(busy.group(1)) if busy else None,
-            "summary": summary}
+        time.sleep(0.5)
+        lines = _session_summaries(env)
+    return {"level": level, "load": load, "result": result, "samples": samples,
+            "busy_pct": statistics.mean(samples), "summaries": lines}
 
 
 def report(a: argparse.Namespace, pairs: list[dict], singles: list[dict]) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}; one emulated GPU (CPU); workload: {a.batch} x "
-          f"mm {a.size}x{a.size} fp32 then synchronize, {a.seconds:.0f} s window")
+          f"mm {a.size}x{a.size} fp32 then synchronize; {a.seconds:.0f} s window")
+    if pairs:
+        print()
+        print(f"{'two programs, ratios 25 + 75':30} {'load':>5} {'ops/s r25':>10} "
+              f"{'ops/s r75':>10} {'work r75/r25':>13} {'vs 3':>7} {'busy r75/r25':>13}")
+        for p in pairs:
+            prop = p["proportion"]
+            print(f"{'throttle_level ' + str(p['level']):30} {p['load']:5.1f} "
+                  f"{p['r25']['ops_per_s']:10.1f} {p['r75']['ops_per_s']:10.1f} {prop:13.3f} "
+                  f"{100 * (prop / 3 - 1):+6.1f}% {p['busy_proportion']:13.3f}")
+        for level in sorted({p["level"] for p in pairs}, reverse=True):
+            props = [p["proportion"] for p in pairs if p["level"] == level]
+            if len(props) > 1:
+                med = statistics.median(props)
+                print(f"{'  median of ' + str(len(props)) + ', level ' + str(level):30} "
+                      f"{'':5} {'':10} {'':10} {med:13.3f} {100 * (med / 3 - 1):+6.1f}%")
+    if singles:
+        print()
+        print(f"{'one program, ratio 50, alone':30} {'load':>5} {'ops/s':>10} "
+              f"{'busy_pct':>10}   (/pool busy_pct samples, one a second)")
+        for s in singles:
+            print(f"{'throttle_level ' + str(s['level']):30} {s['load']:5.1f} "
+                  f"{s['result']['ops_per_s']:10.1f} {s['busy_pct']:9.1f}%   "
+                  f"{' '.join(f'{x:.0f}' for x in s['samples'])}")
     print()
-    print(f"{'two programs, ratios 25 + 75':34} {'ops/s r25':>10} {'ops/s r75':>10} "
-          f"{'r75/r25':>8} {'vs 3.00':>8}")
-    for p in pairs:
-        prop = p["proportion"]
-        print(f"{'throttle_level ' + str(p['level']):34} {p['r25']['ops_per_s']:10.1f} "
-              f"{p['r75']['ops_per_s']:10.1f} {prop:8.3f} {100 * (prop / 3 - 1):+7.1f}%")
-    print()
-    print(f"{'one program, ratio 50, alone':34} {'ops/s':>10} {'busy_pct':>10} "
-          f"{'session':>8}   (/pool busy_pct samples)")
-    for s in singles:
-        sess = s["session_busy_pct"]
-        print(f"{'throttle_level ' + str(s['level']):34} {s['result']['ops_per_s']:10.1f} "
-              f"{s['busy_pct']:9.1f}% {sess if sess is not None else float('nan'):7.1f}%   "
-              f"{' '.join(f'{x:.0f}' for x in s['samples'])}")
-    print()
-    print("session logs (the server's metering):")
-    for p in pairs:
-        for line in p["summaries"]:
+    print("session logs (the server's metering, whole sessions):")
+    for case in pairs + singles:
+        for line in case["summaries"]:
             print(f"  {line}")
-    for s in singles:
-        print(f"  {s['summary']}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--size", type=int, default=384)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each two-program case")
     ap.add_argument("--cases", default="pair100,pair0,alone0,alone100",
                     help="which runs (comma-separated): pair100 pair0 alone0 alone100")
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
@@ -203,7 +227,8 @@ def main() -> None:
         client(a.size, a.batch)
         return
     cases = set(a.cases.split(","))
-    pairs = [contended(a, lv) for lv in (100, 0) if f"pair{lv}" in cases]
+    pairs = [contended(a, lv) for _ in range(a.repeat) for lv in (100, 0)
+             if f"pair{lv}" in cases]
     singles = [alone(a, lv) for lv in (0, 100) if f"alone{lv}" in cases]
     report(a, pairs, singles)
 

@@ -17,3 +17,9 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
     >/dev/null 2>&1 || echo "bootstrap: could not install chromium; browser tests will skip" >&2
 fi
+# The network-cut fault test puts client hosts in network namespaces with `ip` (iproute2);
+# it fails, saying so, without it. As root, install it quietly when missing.
+if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2) \
+    >/dev/null 2>&1 || echo "bootstrap: could not install iproute2; the network-cut test will fail" >&2
+fi

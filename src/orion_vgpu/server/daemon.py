@@ -35,6 +35,7 @@ def run_server(config_path: Path | None = None, stop: threading.Event | None = N
     session_dir = log_dir / "session"
     _make_dirs(log_dir, session_dir)
     setup_logging("server", cfg.log, file=log_dir / "server.log" if cfg.log.log_to_file else None)
+    _route_data_plane_logs()
     try:
         node = Node(cfg, session_dir)
         node.start()
@@ -263,6 +264,27 @@ def _on_signals(stop: threading.Event) -> dict[str, str]:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return received
+
+
+# sessions.py, handshake.py and workerpool.py log as "orion.server" (their tests listen
+# there), outside the package logger that setup_logging configures.
+DATA_PLANE_LOGGER = "orion.server"
+
+
+class _ToPackageLogger(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(PACKAGE_LOGGER).handle(record)
+
+
+def _route_data_plane_logs() -> None:
+    """Send the data plane's lines (handshakes, session start/end, worker trouble) to
+    server.log and the screen like the daemon's own, at the same level."""
+    data_plane = logging.getLogger(DATA_PLANE_LOGGER)
+    for handler in list(data_plane.handlers):
+        if isinstance(handler, _ToPackageLogger):
+            data_plane.removeHandler(handler)
+    data_plane.addHandler(_ToPackageLogger())
+    data_plane.setLevel(logging.getLogger(PACKAGE_LOGGER).level)
 
 
 def _file_only(level: int, message: str) -> None:

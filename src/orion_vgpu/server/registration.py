@@ -48,6 +48,12 @@ class Backoff:
     def reset(self) -> None:
         self.current = self.first
 
+    def cap(self, maximum: float) -> None:
+        """Lower the longest wait to ``maximum`` (never raise it)."""
+        self.maximum = min(self.maximum, maximum)
+        self.first = min(self.first, self.maximum)
+        self.current = min(self.current, self.maximum)
+
 
 class ControllerLink:
     """Registration + heartbeat + events for one node; `start()` runs it in a thread."""
@@ -210,6 +216,10 @@ class ControllerLink:
             self.interval,
         )
         self.node_id = node_id
+        # A controller restarted from its store gives known nodes one heartbeat timeout
+        # (3 intervals) to come back before it fails their allocations, whose programs
+        # still run. So once registered, never wait longer than an interval to retry.
+        self._backoff.cap(self.interval)
         try:
             self._on_registered(node_id)
         except Exception:

@@ -41,6 +41,10 @@ log = logging.getLogger("orion.server")
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 # Connections still in their handshake; more than this at once is a flood, not clients.
 MAX_PENDING_HANDSHAKES = 64
+# A client cut off by the network never sends FIN or RST: without probes its worker would
+# wait for it forever, holding the session, its memory and its grant. Same settings as the
+# client's side (client/transport.py), so both ends give up on a dead link alike.
+KEEPALIVE_IDLE_S = int(os.environ.get("ORION_KEEPALIVE_S", "10"))
 # busy_pct is averaged over the worker's last few stats messages (about one a second).
 _BUSY_SAMPLES = 6
 
@@ -242,6 +246,7 @@ class SessionManager:
     def _admit(self, conn: socket.socket, kind: str) -> Accepted:
         if kind == "tcp":
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(conn)
         hello = handshake.read_hello(conn, self._hello_timeout_s)
         with self._lock:
             node_id = self._node_id
@@ -359,6 +364,18 @@ def _set_buffers(sock: socket.socket) -> None:
     # at connection setup, so setting them later would be too late).
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+
+
+def _keepalive(conn: socket.socket) -> None:
+    """Probe an idle link; give up on one that stays silent (the worker sees ETIMEDOUT).
+
+    The options belong to the connection, so they hold in the worker the fd is passed to.
+    ``TCP_USER_TIMEOUT`` also bounds a reply stuck unacknowledged on a dead link."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", 2),
+                       ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", (KEEPALIVE_IDLE_S + 6) * 1000)):
+        if hasattr(socket, opt):
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
 def _listen_tcp(addr: str, port: int) -> socket.socket:

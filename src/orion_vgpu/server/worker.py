@@ -131,6 +131,8 @@ class Session:
                 return f"connection lost: {exc}"
             try:
                 done = self._run_frame(body)
+            except (frames.PeerClosed, ConnectionResetError, BrokenPipeError):
+                return "client disconnected"  # e.g. killed in the middle of an upload
             except (msgpack.UnpackException, ValueError, TypeError) as exc:
                 self._reply_error("ProtocolError", f"malformed frame: {exc}")
                 return f"protocol error: malformed frame ({exc})"
@@ -457,6 +459,8 @@ def run(control_fd: int) -> int:
         threading.Thread(target=_stats_loop, args=(session, control, stop), daemon=True).start()
         threading.Thread(target=_watch_manager, args=(control,), daemon=True).start()
         reason = session.serve()
+    except (frames.PeerClosed, ConnectionResetError, BrokenPipeError):
+        reason = "client disconnected"
     except Exception as exc:  # the worker must always report why the session ended
         reason = f"worker error: {type(exc).__name__}: {exc}"
         log.exception("session %s failed", spec.get("session_id", "?")[:8])
