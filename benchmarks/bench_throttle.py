@@ -1,6 +1,6 @@
 """Compute-share benchmark: ORION_RATIO and [throttle] throttle_level on one emulated GPU.
 
-    .venv/bin/python benchmarks/bench_throttle.py [--seconds 10] [--size 512] [--batch 16]
+    .venv/bin/python benchmarks/bench_throttle.py [--seconds 10] [--size 512] [--batch 32]
                                                   [--repeat 1] [--cases pair100,...]
 
 1. Two programs with ORION_RATIO 25 and 75 on the same emulated GPU, the same workload
@@ -15,7 +15,9 @@
 Each program counts the work it finishes inside a common window (opened once every
 program holds its vGPU), so start-up and shutdown are left out. The emulated GPU is the
 host's CPU: other work on the host slows ops unevenly over time, so each case prints the
-load average it ran at.
+load average it ran at. oriond and its workers inherit this process's environment, so
+``OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_throttle.py`` runs the
+workers with passive OpenMP threads (see docs/performance.md, "Compute share").
 """
 
 from __future__ import annotations
@@ -182,7 +184,8 @@ def alone(a: argparse.Namespace, level: int) -> dict:
 def report(a: argparse.Namespace, pairs: list[dict], singles: list[dict]) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}; one emulated GPU (CPU); workload: {a.batch} x "
-          f"mm {a.size}x{a.size} fp32 then synchronize; {a.seconds:.0f} s window")
+          f"mm {a.size}x{a.size} fp32 then synchronize; {a.seconds:.0f} s window; oriond's "
+          f"OMP_WAIT_POLICY: {os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     if pairs:
         print()
         print(f"{'two programs, ratios 25 + 75':30} {'load':>5} {'ops/s r25':>10} "
@@ -217,7 +220,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=1, help="runs of each two-program case")
     ap.add_argument("--cases", default="pair100,pair0,alone0,alone100",
                     help="which runs (comma-separated): pair100 pair0 alone0 alone100")

@@ -130,7 +130,6 @@ def test_sigkill_holding_several_vgpus(module_cluster: Cluster,
 
 
 @pytest.mark.parametrize(("direction", "path"), [
-    ("up", "tcp"),     # the worker is inside recv_into of a 32 MiB payload
     ("down", "tcp"),   # the worker is sending a 32 MiB reply
     ("up", "shm"),     # the client is copying into the shared-memory ring
 ])
@@ -145,3 +144,15 @@ def test_sigkill_during_bulk_transfer(module_cluster: Cluster,
     victim.expect("READY")
     victim.expect("XFER 3")
     _kill_and_check_freed(ctl, srv, victim, neighbour, f"during {direction}load ({path})")
+
+
+def test_sigkill_in_the_middle_of_an_upload(module_cluster: Cluster,
+                                           clean_pool: tuple[Controller, Oriond],
+                                           neighbour: Program) -> None:
+    """Half of a 32 MiB payload sent over TCP: the worker is inside recv_into."""
+    ctl, srv = clean_pool
+    victim = module_cluster.program(
+        "half_upload.py", client_env(ctl, module_cluster.root / "v-half", ORION_ENABLE_NET="1",
+                                     ORION_SHM="0"))
+    victim.expect("HALF")
+    _kill_and_check_freed(ctl, srv, victim, neighbour, "in the middle of an upload (tcp)")

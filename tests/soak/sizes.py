@@ -22,7 +22,7 @@ class SoakSize:
 def soak_size_from_env() -> SoakSize:
     full = os.environ.get("ORION_SOAK") == "1"
     env = os.environ.get
-    return SoakSize(concurrent=int(env("ORION_SOAK_CONCURRENT") or (100 if full else 10)),
-                    seconds=float(env("ORION_SOAK_SECONDS") or (300 if full else 20)),
-                    sequential=int(env("ORION_SOAK_SEQUENTIAL") or (1000 if full else 20)),
+    return SoakSize(concurrent=int(env("ORION_SOAK_CONCURRENT") or (100 if full else 8)),
+                    seconds=float(env("ORION_SOAK_SECONDS") or (300 if full else 15)),
+                    sequential=int(env("ORION_SOAK_SEQUENTIAL") or (1000 if full else 12)),
                     full=full)

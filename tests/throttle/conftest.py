@@ -41,6 +41,10 @@ class ThrottledServer(ServerProc):
             f"{'true' if self.enable_computation_throttle else 'false'}\n")
         env = dict(os.environ, ORION_HOME=str(self.home))
         env.pop("ORION_VGPU", None)
+        # Workers' OpenMP threads spin between ops by default; on a host shared with
+        # other test runs that spinning, not the scheduler, decides who gets the cores
+        # (docs/performance.md, "Compute share"). Passive threads unless told otherwise.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         with open(self.home / "oriond.out", "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "orion_vgpu.server", "--config", str(conf)],

@@ -20,13 +20,15 @@ SCRIPT = Path(__file__).parent / "scripts" / "matmul_loop.py"
 WINDOW_S = 4.0
 
 
-# 6 matmuls of 320x320 between syncs: the device, not the client's round trip, is the
-# bottleneck, so each program would take the whole GPU if it could.
-def start_programs(*programs: tuple[dict[str, str], int]) -> list[tuple[subprocess.Popen[str],
-                                                                        str]]:
-    """Start the workload once per (env, ORION_RATIO), all at once; returns each process
-    once it said READY (it holds its vGPU) with the uuid of the GPU it got."""
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), "320", "6"], text=True,
+def start_programs(*programs: tuple[dict[str, str], int],
+                   workload: tuple[int, int] = (320, 6)) -> list[tuple[subprocess.Popen[str],
+                                                                       str]]:
+    """Start the workload (matmul size, matmuls between syncs) once per (env, ORION_RATIO),
+    all at once; returns each process once it said READY (it holds its vGPU) with the
+    uuid of the GPU it got. The default keeps the device, not the client's round trip,
+    the bottleneck: each program would take the whole GPU if it could."""
+    size, batch = workload
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(size), str(batch)], text=True,
                               env=dict(env, ORION_RATIO=str(ratio)), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for env, ratio in programs]
@@ -84,7 +86,8 @@ def test_contending_programs_share_one_gpu_by_ratio(throttled_pool, tmp_path: Pa
 
 def test_level_0_holds_a_program_alone_to_its_ratio(throttled_pool, tmp_path: Path) -> None:
     ctl, srv = throttled_pool(throttle_level=0)
-    ((proc, _),) = start_programs((client_env(ctl, tmp_path / "a"), 50))
+    # Long batches: even on a loaded host it would keep the GPU busy well over 50 %.
+    ((proc, _),) = start_programs((client_env(ctl, tmp_path / "a"), 50), workload=(384, 32))
     run_window([proc])
     time.sleep(0.5)
     (line,) = summaries(srv.session_logs())
@@ -92,4 +95,4 @@ def test_level_0_holds_a_program_alone_to_its_ratio(throttled_pool, tmp_path: Pa
     assert m, line
     busy_pct, waited = float(m.group(3)), float(m.group(4))
     assert busy_pct <= 55.0, line
-    assert waited > 0.25 * WINDOW_S, line  # it had more work: the cap held it back
+    assert waited > 0.2 * WINDOW_S, line  # it had more work: the cap held it back

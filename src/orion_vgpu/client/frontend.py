@@ -372,28 +372,31 @@ def _spec_of(out: Any, minputs: list) -> Any:
     return _SYNC  # a plain value comes from the server
 
 
+def _build_one(it: tuple, inputs: list, dev: int, outs: list[int], handles: Any) -> Any:
+    # A module-level function, not a recursive closure: a closure that refers to itself is a
+    # reference cycle that would keep every op's inputs alive until the next gc pass.
+    tag = it[0]
+    if tag == "new":
+        h = _next_handle() if handles is None else next(handles)
+        outs.append(h)
+        view_of = it[5]
+        st = inputs[view_of]._st if view_of >= 0 else Storage(it[6], dev)
+        return wrap(it[1], it[2], it[3], it[4], dev, h, st)
+    if tag == "alias":
+        outs.append(0)
+        return inputs[it[1]]
+    if tag == "list":
+        return [_build_one(x, inputs, dev, outs, handles) for x in it[1]]
+    return None
+
+
 def _build(spec: _OutSpec, inputs: list, dev: int, outs: list[int],
            handles: Any = None) -> Any:
-    def build(it: tuple) -> Any:
-        tag = it[0]
-        if tag == "new":
-            h = _next_handle() if handles is None else next(handles)
-            outs.append(h)
-            view_of = it[5]
-            st = inputs[view_of]._st if view_of >= 0 else Storage(it[6], dev)
-            return wrap(it[1], it[2], it[3], it[4], dev, h, st)
-        if tag == "alias":
-            outs.append(0)
-            return inputs[it[1]]
-        if tag == "list":
-            return [build(x) for x in it[1]]
-        return None
-
     if spec.kind == "tensor":
-        return build(spec.items[0])
+        return _build_one(spec.items[0], inputs, dev, outs, handles)
     if spec.kind == "none":
         return None
-    built = [build(x) for x in spec.items]
+    built = [_build_one(x, inputs, dev, outs, handles) for x in spec.items]
     return tuple(built) if spec.kind == "tuple" else built
 
 
