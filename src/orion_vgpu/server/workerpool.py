@@ -258,6 +258,8 @@ class WorkerPool:
         # A worker must never arm the client runtime for itself, even when the daemon was
         # started from a shell that has ORION_VGPU set for client programs.
         env.pop("ORION_VGPU", None)
+        # Spinning OpenMP threads steal the cores other sessions' ops need (and skew shares).
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # Workers run client-chosen kernels: keep the pool's secrets out of their reach.
         for secret in ("ORION_POOL_TOKEN", "ORION_TOKEN", "ORION_ADMIN_PASSWORD"):
             env.pop(secret, None)
