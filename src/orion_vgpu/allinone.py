@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import secrets
 import signal
 import socket
@@ -38,6 +39,7 @@ DEFAULT_EMULATED = "2x16GiB"
 START_TIMEOUT_S = 120.0  # the server imports torch; a loaded CI machine can take a while
 STOP_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
+ADMIN_PASSWORD_RE = re.compile(r"created user admin with password (\S+)")
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,11 @@ class Child:
         self.output = output
         output.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in ("ORION_POOL_TOKEN", "ORION_SERVER_CONF")}
-        with open(output, "ab") as out:
+        # The controller's console may carry the admin password it generated: owner-only.
+        fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)
+        self.start_offset = os.fstat(fd).st_size  # earlier runs' output is before this
+        with open(fd, "ab") as out:
             self.proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
@@ -347,11 +353,28 @@ class Up:
         self.say(f"  Server      node {plan.node_name}, data plane 127.0.0.1:{plan.server_port}"
                  f"  [pid {self.children[1].pid}]")
         self.say(f"  Files       {plan.data_dir} (server.conf, controller/), logs in {plan.log_dir}")
+        self._say_admin_login()
         self.say("Run a PyTorch program on a vGPU (in another shell):")
         self.say(f"  export ORION_CONTROLLER={plan.client_addr} ORION_VGPU=1 ORION_GMEM={per_vgpu}")
         self.say("  python train.py")
         self.say("See the pool: orion smi    Diagnose: orion check runtime client")
         self.say("Press Ctrl-C to stop.")
+
+    def _say_admin_login(self) -> None:
+        """The controller prints a generated admin password once, into its console file."""
+        console = self.children[0].output
+        try:
+            with open(console, "rb") as f:
+                f.seek(self.children[0].start_offset)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return
+        found = ADMIN_PASSWORD_RE.findall(text)
+        if found:
+            self.say(f"  Dashboard   sign in as admin with password {found[-1]} (generated at the "
+                     "first start; change it on the Users page)")
+        else:
+            self.say(f"  Dashboard   sign in as admin (password printed at the first start in {console})")
 
     def _stop_children(self) -> None:
         if not self.children:

@@ -123,7 +123,10 @@ def _check_logs(ctl: ControllerProc, srv: ServerProc, root: Path, forged: str,
 
 
 def _check_database(ctl: ControllerProc) -> None:
-    """Listing allocations never hands out a grant; the database does not keep them."""
+    """Listing allocations never hands out a grant; the database does not keep them, and
+    only the controller's user can read it (it holds password and token hashes)."""
+    for path in ctl.data_dir.glob("controller.db*"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, (path, oct(path.stat().st_mode))
     con = sqlite3.connect(f"file:{ctl.data_dir / 'controller.db'}?mode=ro", uri=True)
     try:
         dump = "\n".join(con.iterdump())

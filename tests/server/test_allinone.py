@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -99,6 +101,15 @@ def test_up_starts_pool_and_sigint_stops_everything(tmp_path: Path, orion_env: d
         pool = httpx.get(f"http://127.0.0.1:{port}/api/v1/pool", timeout=5).json()
         assert pool["vgpu_total"] == 8 and pool["vgpu_free"] == 8
         assert all(g["emulated"] for g in pool["gpus"])
+        # The generated admin password reaches the person who ran `orion up`, and works;
+        # the console file that also holds it is owner-only.
+        found = re.search(r"sign in as admin with password (\S+)", out)
+        assert found, out
+        login = httpx.post(f"http://127.0.0.1:{port}/api/v1/login", timeout=5,
+                           json={"username": "admin", "password": found.group(1)})
+        assert login.status_code == 201, login.text
+        console = tmp_path / "up" / "log" / "controller.out"
+        assert stat.S_IMODE(console.stat().st_mode) == 0o600
         family = descendants(proc.pid)
         assert len(family) >= 2  # controller + server (+ the server's workers)
 

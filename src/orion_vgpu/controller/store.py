@@ -8,6 +8,7 @@ SQLite (WAL) by default; any SQLAlchemy URL works (PostgreSQL for HA).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,7 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         try:
+            _create_private_sqlite_file(url)
             self.engine: Engine = create_engine(url, json_serializer=_dumps)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -328,6 +330,18 @@ def _redact(url: str) -> str:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
+
+
+def _create_private_sqlite_file(url: str) -> None:
+    """The pool's secrets-adjacent state (users, tokens' hashes) must not be world-readable;
+    SQLite gives its -wal/-shm files the database file's mode, so creating it 0600 covers them."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return
+    path = Path(parsed.database)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
