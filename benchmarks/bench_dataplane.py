@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_dataplane.py [--ops 20000] [--steps 10]
 
-Prints the client-side cost per tiny op and the CNN training-step ratio remote/local.
+Prints the client-side cost per tiny op and the training-step ratios remote/local (MLP,
+CNN, small transformer).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def main() -> None:
                      remote_args=("mlp_graph", "100"))),
             ("CNN train step b64 32x32 (ms)",
              *paired(local_env, env, ("cnn", str(a.steps)), "ms_per_step", a.repeat)),
+            ("transformer 2x128 step b16 (ms)",
+             *paired(local_env, env, ("xfmr", str(a.steps)), "ms_per_step", a.repeat)),
         ]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}; remote = vGPU on an emulated GPU (CPU)")

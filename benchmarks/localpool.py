@@ -39,12 +39,30 @@ def pool_dir(env: dict[str, str]) -> Path:
     return Path(env["ORION_HOME"]).parent
 
 
+def write_json(path: str, benchmark: str, rows: list[dict], **extra: object) -> None:
+    """The machine-readable result ``benchmarks/run_all.py`` collects.
+
+    ``rows``: dicts with ``name`` (what and unit), ``local``, ``remote``, ``ratio``
+    (remote / local, or None), ``target`` (text, may be empty) and ``met`` (bool or None).
+    """
+    doc = {"benchmark": benchmark, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+           "rows": rows, **extra}
+    Path(path).write_text(json.dumps(doc, indent=1))
+
+
+def _throttle_conf(level: int | None, enabled: bool) -> str:
+    lines = ([] if level is None else [f"    throttle_level = {level}\n"]) \
+        + ([] if enabled else ["    enable_computation_throttle = false\n"])
+    return "[throttle]\n" + "".join(lines) if lines else ""
+
+
 @contextmanager
 def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
-               throttle_level: int | None = None) -> Iterator[dict[str, str]]:
+               throttle_level: int | None = None, throttle: bool = True) -> Iterator[dict[str, str]]:
     """Yield the environment a client needs; everything is killed on exit.
 
-    ``throttle_level`` writes ``[throttle] throttle_level`` into server.conf.
+    ``throttle_level`` writes ``[throttle] throttle_level`` into server.conf; ``throttle``
+    False writes ``enable_computation_throttle = false`` (no compute share at all).
     """
     tmp = Path(tempfile.mkdtemp(prefix="orion-bench-"))
     cport, sport = _port(), _port()
@@ -63,8 +81,7 @@ def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
                         f"    pool_token = {token}\n[server]\n    name = bench-node\n"
                         f"    emulated_gpus = {emulated}\n    vgpu_count = {vgpu_count}\n"
                         f"    listen_port = {sport}\n    unix_socket = {tmp / 'oriond.sock'}\n"
-                        + ("" if throttle_level is None
-                           else f"[throttle]\n    throttle_level = {throttle_level}\n"))
+                        + _throttle_conf(throttle_level, throttle))
         procs.append(subprocess.Popen([sys.executable, "-m", "orion_vgpu.server", "--config",
                                        str(conf)], env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL))

@@ -105,10 +105,38 @@ def mlp_step(steps: int, graph: bool = False) -> dict:
     return {"ms_per_step": statistics.median(times) * 1e3}
 
 
+def xfmr_step(steps: int) -> dict:
+    """A small transformer language model's training step: 2 encoder layers, d_model 128,
+    4 heads, sequence 64, batch 16, vocabulary 1000, cross-entropy, AdamW."""
+    torch.manual_seed(0)
+    vocab, d, seq, batch = 1000, 128, 64, 16
+    layer = nn.TransformerEncoderLayer(d, 4, dim_feedforward=4 * d, dropout=0.1,
+                                       batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    embed, head = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+    model = nn.ModuleList([embed, encoder, head]).to(DEV)
+    mask = nn.Transformer.generate_square_subsequent_mask(seq).to(DEV)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, vocab, (batch, seq + 1)).to(DEV)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits = head(encoder(embed(x), mask=mask, is_causal=True))
+        loss = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        loss.item()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return {"ms_per_step": statistics.median(times) * 1e3}
+
+
 if __name__ == "__main__":
     kind, n = sys.argv[1], int(sys.argv[2])
     kinds = {"tiny": tiny_ops, "cnn": cnn_step, "mlp": mlp_step,
-             "mlp_graph": lambda k: mlp_step(k, graph=True)}
+             "mlp_graph": lambda k: mlp_step(k, graph=True), "xfmr": xfmr_step}
     out = kinds[kind](n)
     out["device"] = DEV
     print(json.dumps(out))

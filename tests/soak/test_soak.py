@@ -43,25 +43,45 @@ ORIOND_RSS_SLACK = 16 << 20
 
 @dataclass
 class Sample:
-    """oriond and its workers as /proc shows them."""
+    """oriond and its workers as /proc shows them. PSS (proportional set size) splits each
+    shared page among the processes that map it, so sums of PSS are real memory: forked
+    workers share their imports copy-on-write, which a sum of RSS would count N times."""
 
     oriond_rss: int
     oriond_fds: int
     oriond_threads: int
     workers: int
     tree_rss: int
+    tree_pss: int = 0
+    programs_pss: int = 0
 
     @classmethod
-    def of(cls, srv: Oriond) -> Sample:
+    def of(cls, srv: Oriond, programs: list[Program] | None = None) -> Sample:
         workers = srv.worker_pids()
         return cls(oriond_rss=rss_bytes(srv.pid), oriond_fds=fd_count(srv.pid),
                    oriond_threads=thread_count(srv.pid), workers=len(workers),
-                   tree_rss=rss_bytes(srv.pid) + sum(rss_bytes(w) for w in workers))
+                   tree_rss=rss_bytes(srv.pid) + sum(rss_bytes(w) for w in workers),
+                   tree_pss=sum(pss_bytes(p) for p in [srv.pid, *workers]),
+                   programs_pss=sum(pss_bytes(p.pid) for p in programs or []))
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of ``pid`` (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 @pytest.fixture(scope="module")
 def pool(soak_cluster: Cluster, soak_size: SoakSize) -> tuple[Controller, Oriond]:
-    ctl = soak_cluster.controller()
+    # The controller's default lease (30 s, not the fault tests' 10 s): in a burst of 100
+    # program starts on 2 cores a program can take over 10 s from its allocation to its
+    # session, and an allocation that expires then is not a leak of the server's.
+    ctl = soak_cluster.controller(lease_s=30)
     # Room for every concurrent program on two emulated GPUs (default-sized vGPUs).
     srv = soak_cluster.server(ctl, vgpu_count=max(4, math.ceil(soak_size.concurrent / 2)))
     _run_short(ctl, soak_cluster.root / "warm-up")  # first use of everything, before sampling
@@ -130,7 +150,9 @@ def test_concurrent_programs(soak_cluster: Cluster, pool: tuple[Controller, Orio
     _report("concurrent", programs=soak_size.concurrent, seconds=soak_size.seconds,
             startup_s=round(startup_s, 1), steps=sum(int(p.out[-1].split()[2]) for p in progs),
             start=start, end=end, loaded_first=loaded[0], loaded_last=loaded[-1],
-            peak_tree_rss=max(s.tree_rss for s in loaded))
+            peak_tree_rss=max(s.tree_rss for s in loaded),
+            peak_tree_pss=max(s.tree_pss for s in loaded),
+            peak_programs_pss=max(s.programs_pss for s in loaded))
     _no_growth(start, end)
     # While loaded, oriond itself holds steady: one control socket per worker, no more.
     assert loaded[-1].oriond_fds == loaded[0].oriond_fds, (loaded[0], loaded[-1])
@@ -146,20 +168,33 @@ def _run_concurrently(cluster: Cluster, ctl: Controller, srv: Oriond,
              for _ in range(size.concurrent)]
     for prog in progs:  # a burst of allocations, handshakes and worker starts
         prog.expect("READY", timeout=max(10.0, STARTUP_S - (time.monotonic() - t0)))
+        _check_available_memory()
     startup_s = time.monotonic() - t0
     check_pool(ctl, active=size.concurrent)
-    loaded = [Sample.of(srv)]
+    loaded = [Sample.of(srv, progs)]
     while time.monotonic() - t0 < startup_s + size.seconds:
         time.sleep(min(10.0, size.seconds / 3))
         assert all(p.proc.poll() is None for p in progs), [p.describe() for p in progs
                                                           if p.proc.poll() is not None]
-        loaded.append(Sample.of(srv))
+        loaded.append(Sample.of(srv, progs))
+        _check_available_memory()
     for prog in progs:
         prog.signal(signal.SIGUSR1)
     for prog in progs:
         assert prog.wait(120 + size.concurrent) == 0, prog.describe()
         assert prog.out[-1].startswith("RESULT ok") and not prog.err, prog.describe()
     return progs, startup_s, loaded
+
+
+def _check_available_memory() -> None:
+    """Stop a soak that would push this machine into the OOM killer (other work runs here
+    too): a fail with the numbers, not a machine that kills processes at random."""
+    floor = int(os.environ.get("ORION_SOAK_MIN_AVAILABLE_MIB") or 1024) << 20
+    avail = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            avail = int(line.split()[1]) * 1024
+    assert avail >= floor, f"only {avail >> 20} MiB available: soak too big for this machine"
 
 
 @pytest.mark.timeout(600 + 10 * SIZE.sequential)

@@ -6,16 +6,23 @@ process; it costs an environment lookup when ORION_VGPU is unset.
 
 from __future__ import annotations
 
-import importlib.abc
 import os
 import sys
-from typing import Any
+import time
+
+# Seconds spent by torch's own import and by switching it over (activate) in this process;
+# benchmarks/bench_startup.py reads them.
+timings: dict[str, float] = {}
 
 
-class _TorchHook(importlib.abc.MetaPathFinder):
-    """Waits for ``import torch`` to finish, then activates the runtime once."""
+class _TorchHook:
+    """Waits for ``import torch`` to finish, then activates the runtime once.
 
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+    A meta path finder by duck typing: importing importlib.abc would cost every Python
+    process with ORION_VGPU set (pip, shells' helpers) ~20 ms at start.
+    """
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
         if name != "torch" or getattr(self, "_busy", False):
             return None
         self._busy = True
@@ -29,11 +36,14 @@ class _TorchHook(importlib.abc.MetaPathFinder):
         loader = spec.loader
         original_exec = loader.exec_module  # type: ignore[attr-defined]
 
-        def exec_module(module: Any) -> None:
+        def exec_module(module: object) -> None:
+            t0 = time.perf_counter()
             original_exec(module)
+            t1 = time.perf_counter()
             _remove_hook()
             from orion_vgpu.client.cuda_api import activate
             activate()
+            timings.update(torch=t1 - t0, activate=time.perf_counter() - t1)
 
         loader.exec_module = exec_module  # type: ignore[attr-defined]
         return spec

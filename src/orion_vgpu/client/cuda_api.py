@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from types import FunctionType
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from orion_vgpu.client import autocast, frontend, graphs
+from orion_vgpu.client import autocast, distributed, frontend, graphs
 from orion_vgpu.client.frontend import FactoryMode, RemoteTensor
 from orion_vgpu.client.runtime import get_runtime
 
 _active = False
+_mode: VGPUMode | None = None  # the mode of activate() (client/compile.py swaps its class)
 _autocast_on = torch.is_autocast_enabled
+# Calls a torch function without its torch-function check, so a mode can stay on inside it.
+_redispatch = getattr(torch.overrides, "redispatch_function", None)
+
+
+class _Reentry(threading.local):
+    funcs: set | None = None  # Python torch functions this thread is inside with the mode on
+
+
+_reentry = _Reentry()
 
 
 def _cuda_index(d: Any) -> int | None:
@@ -27,14 +38,19 @@ def _cuda_index(d: Any) -> int | None:
     if isinstance(d, torch.device):
         if d.type != "cuda":
             return None
-        return current_device() if d.index is None else d.index
+        return current_device() if d.index is None else _local(d.index)
     if isinstance(d, str):
         if not d.startswith("cuda"):
             return None
         return _cuda_index(torch.device(d))
     if isinstance(d, int) and not isinstance(d, bool):
-        return d
+        return _local(d)
     return None
+
+
+def _local(idx: int) -> int:
+    """Under torchrun, a rank's ``cuda:LOCAL_RANK`` is its own vGPU (client.distributed)."""
+    return distributed.local_index(idx, device_count)
 
 
 class VGPUMode(TorchFunctionMode):
@@ -55,7 +71,27 @@ class VGPUMode(TorchFunctionMode):
             idx = _cuda_index(dev)
             if idx is not None:
                 return _create(func, args, kwargs, idx)
+        if type(func) is FunctionType and _redispatch is not None:
+            return self._inside(func, types, args, kwargs)
         return func(*args, **kwargs)
+
+    def _inside(self, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
+        """A torch function written in Python (most of torch.nn.functional): the torch calls
+        it makes are the program's too and need this mode (multi-head attention's inner
+        attention and masks, device="cuda" factories), which is off while a mode handles a
+        call. A Tensor method that overrides its C++ one in Python reaches here again from
+        ``super()``: that inner call runs without the mode, as before."""
+        inside = _reentry.funcs
+        if inside is None:
+            inside = _reentry.funcs = set()
+        if func in inside:
+            return func(*args, **kwargs)
+        inside.add(func)
+        try:
+            with self:
+                return _redispatch(func, types, args, kwargs)
+        finally:
+            inside.discard(func)
 
 
 # Built from Python data below every dispatch mode: build on the host, then upload.
@@ -129,12 +165,18 @@ def _sdpa(func: Any, args: tuple, kwargs: dict) -> Any:
     is_causal, scale = bool(opts.get("is_causal", False)), opts.get("scale")
     choice = _sdp_choice(q, k, v, mask, dropout_p, is_causal, scale)
     aten = torch.ops.aten
-    if choice == _FLASH and mask is None:
+    if mask is not None and mask.dtype == torch.bool:
+        # As PyTorch's own attention does before any kernel: False means -inf, True 0 (the
+        # kernels would add a bool mask as 0/1). Built from tensors, not device= factories:
+        # this runs with the mode off.
+        mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill_(mask.logical_not(),
+                                                                   float("-inf"))
+    if choice == _FLASH:
         return aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, dropout_p, is_causal, scale=scale)[0]
+            q, k, v, dropout_p, is_causal, attn_mask=mask, scale=scale)[0]
     if is_causal:
         L, S = q.shape[-2], k.shape[-2]
-        mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        mask = q.new_full((L, S), float("-inf")).triu_(1)  # the math kernel's causal mask
     return aten._scaled_dot_product_attention_math(
         q, k, v, mask, dropout_p, False, scale=scale)[0]
 
@@ -248,6 +290,7 @@ def _check_index(idx: int) -> None:
 def _exchange_device(idx: int) -> int:
     prev = _cur.index
     if idx >= 0:
+        idx = _local(idx)
         _check_index(idx)
         _cur.index = idx
     return prev
@@ -467,10 +510,30 @@ def is_bf16_supported(including_emulation: bool = True) -> bool:
 
 
 # --------------------------------------------------------------------------- activation
+def _remote_data_ptr(self: RemoteTensor) -> int:
+    """A vGPU tensor has no local memory (its meta data_ptr is 0 for all of them), but code
+    such as make_graphed_callables compares pointers to tell tensors' memory apart: a
+    stand-in equal exactly for views of the same storage at the same offset. A method of
+    the class, not of the mode: backward code runs on autograd's threads, outside it."""
+    st = getattr(self, "_st", None)
+    base = id(st) if st is not None else self._h
+    return (base << 40) + self.storage_offset() * self.element_size()  # offsets < 1 TiB
+
+
+def _alias(fn: Any) -> Any:
+    """The same function as another object: torch._dynamo keys its handlers by function and
+    refuses one object under two names (torch.cuda.synchronize, torch.accelerator.synchronize)."""
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+    alias.__name__ = alias.__qualname__ = fn.__name__
+    alias.__doc__ = fn.__doc__
+    return alias
+
+
 _CUDA_FUNCS = {
     "is_available": is_available, "device_count": device_count,
     "current_device": current_device, "set_device": set_device,
-    "_exchange_device": _exchange_device, "_maybe_exchange_device": _exchange_device,
+    "_exchange_device": _exchange_device, "_maybe_exchange_device": _alias(_exchange_device),
     "get_device_properties": get_device_properties, "get_device_name": get_device_name,
     "get_device_capability": get_device_capability, "synchronize": synchronize,
     "memory_allocated": memory_allocated, "max_memory_allocated": max_memory_allocated,
@@ -508,12 +571,66 @@ def activate() -> None:
                 setattr(mod, name, fn)
     _patch_accelerator()
     torch.__future__.set_swap_module_params_on_conversion(True)
+    RemoteTensor.data_ptr = _remote_data_ptr  # type: ignore[method-assign]
     from orion_vgpu.client import checkpoint, parallel
     checkpoint.install()
     parallel.install()
+    distributed.install()  # backend "nccl" and DDP run their collectives on the servers
     from orion_vgpu.client.errors import install_excepthook
     install_excepthook()
-    VGPUMode().__enter__()  # stays on for the life of the process
+    _skip_dtensor_check()
+    _patch_compile()
+    global _mode
+    _mode = VGPUMode()
+    _mode.__enter__()  # stays on for the life of the process
+
+
+def _patch_compile() -> None:
+    """``torch.compile`` compiles for the servers (client/compile.py). Wrapped, not replaced
+    at activation: torch._dynamo (seconds of import) loads only if the program compiles."""
+    original = torch.compile
+    if getattr(original, "_orion_vgpu", False):
+        return
+
+    def compile(model: Any = None, **kwargs: Any) -> Any:  # noqa: A001  (torch's name)
+        from orion_vgpu.client import compile as vgpu_compile
+        return vgpu_compile.compile(original, model, **kwargs)
+
+    compile.__doc__ = original.__doc__
+    compile._orion_vgpu = True  # type: ignore[attr-defined]
+    torch.compile = compile  # type: ignore[assignment]
+
+
+def _skip_dtensor_check() -> None:
+    """Keep the first vGPU op from importing ``torch.distributed.tensor`` (0.6-2.5 s).
+
+    Before it calls a tensor subclass's ``__torch_dispatch__``, PyTorch's C++ dispatcher
+    (``dispatch_on_subclass``) asks ``torch._library.simple_registry.find_torch_dispatch_rule``
+    for a rule registered for (op, class) with ``torch.library.register_torch_dispatch``;
+    only when there is none does it test whether the tensor is a DTensor, and that test
+    imports ``torch.distributed.tensor`` (sympy, all DTensor sharding rules) the first
+    time. Answering the lookup for RemoteTensor with its own ``__torch_dispatch__``, for
+    every op, is what registering it op by op would do, and skips that test; every other
+    class gets the registry's answer. The C++ side looks the function up once, at the
+    first subclass dispatch of the process, which is why this runs here, before any.
+    """
+    try:
+        from torch._library import simple_registry
+    except ImportError:  # another PyTorch: the DTensor test, if any, stays (only slower)
+        return
+    find = simple_registry.find_torch_dispatch_rule
+    # The classmethod's function has a rule's signature: (cls, func, types, args, kwargs).
+    rule = getattr(RemoteTensor.__dict__.get("__torch_dispatch__"), "__func__", None)
+    if rule is None or getattr(find, "_orion_vgpu", False):
+        return
+
+    def find_torch_dispatch_rule(op: Any, torch_dispatch_class: type) -> Any:
+        if torch_dispatch_class is RemoteTensor:
+            return rule
+        return find(op, torch_dispatch_class)
+
+    find_torch_dispatch_rule._orion_vgpu = True  # type: ignore[attr-defined]
+    simple_registry.find_torch_dispatch_rule = find_torch_dispatch_rule
 
 
 def _patch_accelerator() -> None:
@@ -524,7 +641,7 @@ def _patch_accelerator() -> None:
              "current_accelerator": lambda check_available=False: torch.device("cuda"),
              "current_device_index": current_device, "current_device_idx": current_device,
              "set_device_index": set_device, "set_device_idx": set_device,
-             "synchronize": synchronize, "current_stream": current_stream}
+             "synchronize": _alias(synchronize), "current_stream": _alias(current_stream)}
     for name, fn in funcs.items():
         if hasattr(acc, name):
             setattr(acc, name, fn)

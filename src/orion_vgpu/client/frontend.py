@@ -10,9 +10,13 @@ without waiting for it.
 from __future__ import annotations
 
 import itertools
+import secrets
+import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -25,6 +29,7 @@ META = torch.device("meta")
 # A vGPU tensor's C++ device is meta:N, so autograd keeps track of which vGPU a gradient
 # belongs to (e.g. the backward of a cross-device copy goes back to the right one).
 META_DEV = [torch.device("meta", i) for i in range(64)]
+CUDA_DEV = [torch.device("cuda", i) for i in range(64)]  # what Python sees (immutable)
 _next_handle = itertools.count(1).__next__
 _op_ids: dict[Any, int] = {}
 _op_names: dict[int, str] = {}
@@ -47,7 +52,7 @@ class RemoteTensor(torch.Tensor):
 
     @property  # type: ignore[override]
     def device(self) -> torch.device:
-        return torch.device("cuda", self._dev)
+        return CUDA_DEV[self._dev]
 
     @property  # type: ignore[override]
     def is_cuda(self) -> bool:
@@ -121,10 +126,15 @@ class Storage:
             pass
 
 
+_limits: dict[int, int] = {}  # the quota of each vGPU: fixed for the life of its session
+
+
 def check_quota(dev: int, nbytes: int) -> None:
     if nbytes <= 0:
         return
-    limit = get_runtime().quota(dev)
+    limit = _limits.get(dev)
+    if limit is None:
+        limit = _limits[dev] = get_runtime().quota(dev)
     used = used_bytes.get(dev, 0)
     if limit and used + nbytes > limit:
         mib = 1 << 20
@@ -134,13 +144,20 @@ def check_quota(dev: int, nbytes: int) -> None:
             f"free (ORION_GMEM quota). Ask for a larger ORION_GMEM or use less memory.")
 
 
+_new_tuple = tuple.__new__
+_ExtType = msgpack.ExtType
+_pack_handle = struct.Struct("<q").pack
+
+
 def wrap(size: Any, stride: Any, offset: int, dtype: torch.dtype, dev: int,
-         handle: int, storage: Storage | None = None) -> RemoteTensor:
+         handle: int, storage: Storage | None = None, key: tuple | None = None) -> RemoteTensor:
+    """``key``: the cache key of this metadata, when the caller has it built already."""
     t = _make(RemoteTensor, size, stride, offset, dtype=dtype, device=META_DEV[dev])
     t._h = handle
     t._dev = dev
-    t._ext = codec.handle_ext(handle)
-    t._key = (tuple(size), tuple(stride), offset, dtype)
+    # codec.handle_ext without ExtType's argument checks (a Python __new__): same value.
+    t._ext = _new_tuple(_ExtType, (codec.EXT_HANDLE, _pack_handle(handle)))
+    t._key = (tuple(size), tuple(stride), offset, dtype) if key is None else key
     t._st = storage
     return t
 
@@ -352,8 +369,8 @@ def _spec_of(out: Any, minputs: list) -> Any:
             except ValueError:
                 view_of = -1
                 fresh += st.nbytes()
-            return ("new", tuple(o.shape), tuple(o.stride()), o.storage_offset(), o.dtype,
-                    view_of, st.nbytes())
+            meta = (tuple(o.shape), tuple(o.stride()), o.storage_offset(), o.dtype)
+            return ("new", *meta, view_of, st.nbytes(), meta)
         if o is None:
             return ("none",)
         if isinstance(o, (list, tuple)):
@@ -381,7 +398,7 @@ def _build_one(it: tuple, inputs: list, dev: int, outs: list[int], handles: Any)
         outs.append(h)
         view_of = it[5]
         st = inputs[view_of]._st if view_of >= 0 else Storage(it[6], dev)
-        return wrap(it[1], it[2], it[3], it[4], dev, h, st)
+        return wrap(it[1], it[2], it[3], it[4], dev, h, st, it[7])
     if tag == "alias":
         outs.append(0)
         return inputs[it[1]]
@@ -401,42 +418,143 @@ def _build(spec: _OutSpec, inputs: list, dev: int, outs: list[int],
 
 
 # --------------------------------------------------------------------------- dispatch
+class _Op:
+    """What dispatch needs to know of one ATen overload, found by the overload's id: an
+    OpOverload hashes with a Python method, and four dict lookups keyed by it cost more
+    than the rest of a cached op."""
+
+    __slots__ = ("func", "special", "value_keyed", "oid", "dynamic")
+
+    def __init__(self, func: Any) -> None:
+        self.func = func  # keeps the overload alive, so its id is never reused
+        self.special = _SPECIAL.get(func)
+        self.value_keyed = func in _VALUE_KEYED
+        # Only overloads have a wire name; anything else fails in op_id if it meets a vGPU.
+        self.oid = op_id(func) if isinstance(func, torch._ops.OpOverload) else -1
+        self.dynamic = _DYNAMIC in getattr(func, "tags", ())
+
+
+_ops_by_id: dict[int, _Op] = {}
+
+
+def _op_of(func: Any) -> _Op:
+    op = _ops_by_id.get(id(func))
+    if op is None or op.func is not func:
+        op = _ops_by_id[id(func)] = _Op(func)
+    return op
+
+
 def dispatch(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
-    special = _SPECIAL.get(func)
-    if special is not None:
-        return special(func, args, kwargs, default_dev)
-    return generic(func, args, kwargs, default_dev)
+    op = _ops_by_id.get(id(func))
+    if op is None or op.func is not func:
+        op = _op_of(func)
+    if op.special is not None:
+        return op.special(func, args, kwargs, default_dev)
+    return _generic(op, args, kwargs, default_dev)
 
 
 def generic(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
-    walk = _Walk(None, func in _VALUE_KEYED)
-    enc_args, akey = walk.enc_seq(args)
-    enc_kw, kkey = walk.enc_kwargs(kwargs)
-    dev = walk.dev if walk.dev is not None else default_dev
+    return _generic(_op_of(func), args, kwargs, default_dev)
+
+
+# Arguments that encode as themselves and key the cache by value.
+_PLAIN = frozenset({int, bool, type(None), str, torch.dtype, torch.layout, torch.memory_format})
+
+
+def _enc_fast(args: tuple, kwargs: dict, value_keyed: bool) -> tuple | None:
+    """What a _Walk gives for the usual arguments (vGPU tensors, scalars, dtypes, lists of
+    ints), in one loop without building one: (enc_args, akey, enc_kw, kkey, dev, inputs).
+    None when an argument needs the full walk (host tensors, devices, tensor lists, ...)."""
+    encs: list = []
+    keys: list = []
+    inputs: list = []
+    dev = None
+    for a in args:
+        t = type(a)
+        if t is RemoteTensor:
+            if a._dev != dev:
+                if dev is not None:
+                    return None  # the walk raises the error about mixed devices
+                dev = a._dev
+            inputs.append(a)
+            encs.append(a._ext)
+            keys.append(a._key)
+        elif t in _PLAIN:
+            encs.append(a)
+            keys.append(a)
+        elif t is float:
+            encs.append(a)
+            keys.append(a if value_keyed else float)
+        elif t is list:  # sizes, dims: ints only here (a loop, not a generator: cheaper)
+            for x in a:
+                if type(x) is not int:
+                    return None
+            encs.append(a)
+            keys.append(tuple(a))
+        else:
+            return None
+    if not kwargs:
+        return encs, tuple(keys), kwargs, (), dev, inputs
+    enc_kw = {}
+    kkeys = []
+    for k, a in kwargs.items():
+        t = type(a)
+        if t is RemoteTensor:
+            if a._dev != dev:
+                if dev is not None:
+                    return None
+                dev = a._dev
+            inputs.append(a)
+            enc_kw[k] = a._ext
+            kkeys.append((k, a._key))
+        elif t in _PLAIN:
+            enc_kw[k] = a
+            kkeys.append((k, a))
+        elif t is float:
+            enc_kw[k] = a
+            kkeys.append((k, a if value_keyed else float))
+        else:
+            return None
+    return encs, tuple(keys), enc_kw, tuple(kkeys), dev, inputs
+
+
+def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    func = op.func
+    fast = _enc_fast(args, kwargs, op.value_keyed)
+    if fast is not None:
+        enc_args, akey, enc_kw, kkey, dev, inputs = fast
+        temps: list = []
+    else:
+        walk = _Walk(None, op.value_keyed)
+        enc_args, akey = walk.enc_seq(args)
+        enc_kw, kkey = walk.enc_kwargs(kwargs)
+        dev, inputs, temps = walk.dev, walk.inputs, walk.temps
     if dev is None:
-        # no vGPU tensor and no vGPU device: not ours (e.g. host work inside a factory)
-        with torch._C._DisableTorchDispatch():
-            return func(*args, **kwargs)
-    key = (func, akey, kkey)
+        dev = default_dev
+        if dev is None:
+            # no vGPU tensor and no vGPU device: not ours (e.g. host work inside a factory)
+            with torch._C._DisableTorchDispatch():
+                return func(*args, **kwargs)
+    oid = op.oid if op.oid >= 0 else op_id(func)
+    key = (oid, akey, kkey)
     spec = _meta_cache.get(key)
     conn = get_runtime().conn(dev)
-    oid = op_id(func)
     if oid not in conn.defined:
         conn.define(oid, _op_names[oid])
     if _pending_free:
         _drain_frees()
     if spec is None:
-        if _DYNAMIC in func.tags:
-            spec = _meta_spec(func, args, kwargs, walk.temps)
+        if op.dynamic:
+            spec = _meta_spec(func, args, kwargs, temps)
             _meta_cache[key] = spec
         else:
-            return _probe(conn, oid, enc_args, enc_kw, dev, walk.inputs, key)
+            return _probe(conn, oid, enc_args, enc_kw, dev, inputs, key)
     if spec is _SYNC:
         return _call_sync(conn, oid, enc_args, enc_kw, dev)
     if spec.fresh_bytes:
         check_quota(dev, spec.fresh_bytes)
     outs: list[int] = []
-    result = _build(spec, walk.inputs, dev, outs)
+    result = _build(spec, inputs, dev, outs)
     conn.push([m.CMD_OP, oid, enc_args, enc_kw, outs])
     return result
 
@@ -450,8 +568,8 @@ def _probe(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int, inputs: li
     """First sight of an op on these input shapes: the server runs it and describes the
     outputs (real kernels' strides, not meta kernels' guesses); the description is cached."""
     first = _next_handle()
-    for _ in range(_HANDLE_BLOCK - 1):
-        _next_handle()
+    # Skip the rest of the block inside C (a Python loop of 65535 calls took 3-17 ms).
+    deque(itertools.islice(_next_handle.__self__, _HANDLE_BLOCK - 1), maxlen=0)
     reply = conn.call([m.CMD_PROBE, oid, enc_args, enc_kw, first])
     kind, items = reply[1], reply[2]
     if kind == "value":
@@ -464,7 +582,8 @@ def _probe(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int, inputs: li
         tag = it[0]
         if tag == "new":
             fresh += it[6]
-            return ("new", tuple(it[1]), tuple(it[2]), it[3], it[4], it[5], it[6])
+            meta = (tuple(it[1]), tuple(it[2]), it[3], it[4])
+            return ("new", *meta, it[5], it[6], meta)
         if tag == "alias":
             return ("alias", it[1])
         if tag == "list":
@@ -535,8 +654,34 @@ def fetch(t: RemoteTensor) -> torch.Tensor:
 
 
 def move(t: RemoteTensor, dev: int) -> RemoteTensor:
-    """A copy of ``t`` on vGPU ``dev`` (through this host; shared memory when local)."""
-    return upload(fetch(t), dev)
+    """A copy of ``t`` on vGPU ``dev``: server to server when the two sessions can reach
+    each other (docs/data-plane.md, "Peer copies"), else through this host."""
+    rt = get_runtime()
+    src, dst = rt.conn(t._dev), rt.conn(dev)
+    route = src.peer_route(dst)
+    nbytes = t.numel() * t.element_size()
+    # The source holds a snapshot until the destination takes it; with no room for one,
+    # the bytes come through this host instead (that needs no memory on the vGPU).
+    limit = rt.quota(t._dev)
+    if route is None or (limit and used_bytes.get(t._dev, 0) + nbytes > limit):
+        return upload(fetch(t), dev)
+    check_quota(dev, nbytes)
+    if _pending_free:
+        _drain_frees()
+    h = _next_handle()
+    xid = secrets.token_bytes(16)  # the secret that lets dev's server pull it, once
+    seq = src.peer_send(t._h, xid)
+    dst.peer_recv(h, xid, seq, route, t)
+    return wrap(t.shape, _contiguous_stride(t.shape), 0, t.dtype, dev, h, Storage(nbytes, dev))
+
+
+def _contiguous_stride(shape: Any) -> tuple[int, ...]:
+    stride: list[int] = []
+    acc = 1
+    for n in reversed(tuple(shape)):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
 
 
 class CrossDevice(torch.autograd.Function):

@@ -1,31 +1,59 @@
-"""``torch.cuda.CUDAGraph`` / ``torch.cuda.graph`` for vGPUs.
+"""``torch.cuda.CUDAGraph``, ``torch.cuda.graph``, ``make_graphed_callables`` for vGPUs.
 
 Capture records the session's commands instead of sending them (nothing runs, as with a
-real capture); each replay sends the recorded bytes as one frame, and the server re-runs
-them on the same tensor handles. Tensors the graph touched stay alive until ``reset()``.
+real capture). At the end of the capture the recording is sent once as a graph the server
+keeps (``CMD_GRAPH_DEF``); the server binds the tensors the capture created, so static
+outputs exist before the first replay, as on a GPU. Each replay is one short command
+(``CMD_GRAPH_RUN``) in one frame, and the server re-runs the commands on the same tensor
+handles. Tensors the graph touched stay alive until ``reset()``.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+import torch.cuda.graphs as _torch_graphs
+
 from orion_vgpu.client.runtime import get_runtime
+from orion_vgpu.protocol import messages as m
+
+# Saved before activate() replaces the torch.cuda names with the ones of this module.
+_torch_make_graphed_callables = _torch_graphs.make_graphed_callables
 
 _capturing = False
+# Graph ids of this process (CUDA graphs and torch.compile graphs share them per session).
+next_graph_id = itertools.count(1).__next__
+
+
+_dropped: list[tuple[int, int]] = []  # (vGPU, graph id) to drop on the server
 
 
 def is_current_stream_capturing() -> bool:
     return _capturing
 
 
+def drop_pending() -> None:
+    """Tell the servers about graphs dropped since the last graph command."""
+    rt = get_runtime()
+    while _dropped:
+        i, gid = _dropped.pop()
+        if i < len(rt.conns) and not rt.conns[i].closed:
+            rt.conns[i].push([m.CMD_GRAPH_DEF, gid, None, None])
+
+
 class CUDAGraph:
     def __init__(self, keep_graph: bool = False) -> None:
-        self._data: dict[int, bytes] = {}
+        self._graphs: dict[int, tuple[int, int]] = {}  # vGPU -> (graph id, bytes recorded)
         self._kept: dict[int, list[int]] = {}
+        self._captured = False
 
     def capture_begin(self, pool: Any = None, capture_error_mode: str = "global",
                       **kwargs: Any) -> None:
         global _capturing
+        if self._captured:
+            raise RuntimeError("CUDAGraph.capture_begin() on a graph already captured; call "
+                               "reset() first")
         rt = get_runtime()
         rt.start()
         for conn in rt.conns:
@@ -37,24 +65,38 @@ class CUDAGraph:
         _capturing = False
         for i, conn in enumerate(get_runtime().conns):
             data, kept = conn.end_capture()
-            if data:
-                self._data[i] = data
             self._kept[i] = kept
+            if data:
+                gid = next_graph_id()
+                # Sent in stream order with the work around it; its errors (quota) surface
+                # at the next sync point like an op's.
+                conn.push([m.CMD_GRAPH_DEF, gid, "stream", data])
+                self._graphs[i] = (gid, len(data))
+        self._captured = True
+        drop_pending()
 
     def replay(self) -> None:
-        if not self._data:
+        if not self._captured:
             raise RuntimeError("CUDAGraph.replay() before a capture")
+        drop_pending()
         rt = get_runtime()
-        for i, data in self._data.items():
-            rt.conns[i].replay(data)
+        for i, (gid, _) in self._graphs.items():
+            conn = rt.conns[i]
+            with conn.lock:
+                conn.push([m.CMD_GRAPH_RUN, gid, [], []])
+                conn.flush()  # the work starts now, as a replay launches it
 
     def reset(self) -> None:
         rt = get_runtime()
         for i, kept in self._kept.items():
             if i < len(rt.conns):
                 rt.conns[i].frees.extend(kept)
-        self._data.clear()
+        # Dropped with the next graph command: reset() also runs from __del__, at any point
+        # (even inside a send), where only appending is safe.
+        _dropped.extend((i, gid) for i, (gid, _) in self._graphs.items())
+        self._graphs.clear()
         self._kept.clear()
+        self._captured = False
 
     def instantiate(self) -> None:
         pass
@@ -67,7 +109,8 @@ class CUDAGraph:
 
     def debug_dump(self, path: str) -> None:
         with open(path, "w") as f:
-            f.write("".join(f"vgpu {i}: {len(d)} bytes of commands\n" for i, d in self._data.items()))
+            f.write("".join(f"vgpu {i}: graph {g}, {n} bytes of commands\n"
+                            for i, (g, n) in self._graphs.items()))
 
     def __del__(self) -> None:
         try:
@@ -98,13 +141,11 @@ def graph_pool_handle() -> tuple[int, int]:
 
 def make_graphed_callables(callables: Any, sample_args: Any, num_warmup_iters: int = 3,
                            allow_unused_input: bool = False, pool: Any = None) -> Any:
-    """Warm the callables up and return them; they run eagerly on the vGPU.
+    """PyTorch's own ``make_graphed_callables`` over vGPU graphs.
 
-    (Graphing separate forward and backward passes is not implemented yet.)"""
-    single = not isinstance(callables, tuple)
-    fns = (callables,) if single else callables
-    args = (sample_args,) if single else sample_args
-    for fn, a in zip(fns, args, strict=True):
-        for _ in range(num_warmup_iters):
-            fn(*a)
-    return callables
+    It only needs what a vGPU already has (``CUDAGraph``, ``graph``, streams, and
+    ``data_ptr`` that tells storages apart), so it is reused as is: forward and backward
+    are captured once each, and every call of the result replays them as one frame each.
+    """
+    return _torch_make_graphed_callables(callables, sample_args, num_warmup_iters,
+                                         allow_unused_input, pool)

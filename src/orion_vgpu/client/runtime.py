@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from orion_vgpu.client.errors import OrionError
 from orion_vgpu.client.transport import Connection
 
 log = logging.getLogger("orion.client")
+# Seconds each start-up step took in this process (benchmarks/bench_startup.py reads them):
+# "settings", "allocate" (controller round trip), "connect" (socket + handshake, all vGPUs),
+# "start" (the whole first-use start).
+startup: dict[str, float] = {}
 
 
 @dataclass
@@ -103,25 +108,38 @@ class Runtime:
             alloc = allocation.allocate(s.controller_addr, req, s.token)
         except allocation.ControllerError as exc:
             raise OrionError(str(exc)) from None
+        t1 = time.perf_counter()
         self.alloc = alloc
         atexit.register(self.shutdown)
         try:
-            for v in alloc["vgpus"]:
-                shm_path = s.shm_path if s.use_shm else None
-                self.conns.append(Connection(v, enable_net=s.enable_net, use_shm=s.use_shm,
-                                             shm_path=shm_path))
+            self.conns.extend(self._open_sessions(alloc["vgpus"]))
         except BaseException:
             self.shutdown(quiet=True)
             raise
+        t2 = time.perf_counter()
+        startup.update(allocate=t1 - t0, connect=t2 - t1)
         for dev, seed in self.seeds.items():
             self._send_seed(dev, seed)
         places = ", ".join(f"{v['node_name']} gpu {v['gpu_index']} ({v['gmem_mib']} MiB"
                            f"{', emulated' if v.get('emulated') else ''})" for v in alloc["vgpus"])
         _say(f"Orion vGPU client runtime {__version__}: allocation {alloc['id']} granted "
              f"{len(self.conns)} vGPU: {places}")
-        log.info("allocation %s started in %.1f ms via %s", alloc["id"],
-                 (time.perf_counter() - t0) * 1e3,
+        startup["start"] = time.perf_counter() - t0
+        log.info("allocation %s started in %.1f ms (controller %.1f ms, sessions %.1f ms) via %s",
+                 alloc["id"], startup["start"] * 1e3, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
                  ", ".join(f"{c.where} (shm {'yes' if c.arena else 'no'})" for c in self.conns))
+
+    def _open_sessions(self, vgpus: list[dict]) -> list[Connection]:
+        """One session per vGPU, in vGPU order; on any failure none stays open."""
+        s = self.settings
+        shm_path = s.shm_path if s.use_shm else None
+
+        def open_one(v: dict) -> Connection:
+            return Connection(v, enable_net=s.enable_net, use_shm=s.use_shm, shm_path=shm_path)
+
+        # A given ORION_SHM file is a single arena: its sessions take it one after another.
+        opener = _one_by_one if len(vgpus) == 1 or shm_path else _side_by_side
+        return opener(open_one, vgpus)
 
     def _setup_log(self) -> None:
         d = self.settings.log_dir
@@ -181,6 +199,45 @@ class Runtime:
                      f"ID {alloc['id']}")
 
 
+def _one_by_one(open_one: Callable[[dict], Connection], vgpus: list[dict]) -> list[Connection]:
+    conns: list[Connection] = []
+    try:
+        for v in vgpus:
+            conns.append(open_one(v))
+    except BaseException:
+        for c in conns:
+            c.close()
+        raise
+    return conns
+
+
+def _side_by_side(open_one: Callable[[dict], Connection],
+                  vgpus: list[dict]) -> list[Connection]:
+    """A handshake mostly waits for its server to hand the session to a worker: with
+    several vGPUs, wait for all of them at once."""
+    results: list[Connection | BaseException | None] = [None] * len(vgpus)
+
+    def run(i: int, v: dict) -> None:
+        try:
+            results[i] = open_one(v)
+        except BaseException as exc:  # raised again in the caller's thread below
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, v), name="orion-connect", daemon=True)
+               for i, v in enumerate(vgpus)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    opened = [r for r in results if isinstance(r, Connection)]
+    if len(opened) == len(vgpus):
+        return opened
+    for c in opened:
+        c.close()
+    failed = next(r for r in results if not isinstance(r, Connection))
+    raise failed if failed is not None else OrionError("a vGPU session did not open")
+
+
 def _say(line: str) -> None:
     if os.environ.get("ORION_QUIET") != "1":
         print(line, file=sys.stderr, flush=True)
@@ -192,5 +249,7 @@ _runtime: Runtime | None = None
 def get_runtime() -> Runtime:
     global _runtime
     if _runtime is None:
+        t0 = time.perf_counter()
         _runtime = Runtime(Settings.from_config())
+        startup["settings"] = time.perf_counter() - t0
     return _runtime

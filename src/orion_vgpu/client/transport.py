@@ -21,10 +21,24 @@ from orion_vgpu import PROTOCOL_VERSION, __version__
 from orion_vgpu.client.errors import OrionError, raise_remote
 from orion_vgpu.protocol import codec, frames
 from orion_vgpu.protocol import messages as m
-from orion_vgpu.protocol.shm import Arena, ShmError, shm_dir
+from orion_vgpu.protocol.shm import (
+    STREAM_MIN_BYTES,
+    Arena,
+    ShmError,
+    ShmPeerGone,
+    chunks,
+    copy_bytes,
+    prefer_huge_pages,
+    shm_dir,
+    stream_chunk,
+)
 
 FLUSH_BYTES = 256 * 1024
 FLUSH_OPS = 512
+# After a sync point the server has nothing to do: the first frame goes out after this
+# many commands, each next one after twice as many, up to FLUSH_OPS. The server then starts
+# on the first ops while the program is still issuing the rest (compute-bound steps).
+FLUSH_FIRST = 8
 SHM_MIN_BYTES = 32 * 1024
 DEFAULT_SHM_BYTES = 256 * 1024 * 1024
 
@@ -41,6 +55,7 @@ class Connection:
         self.buf = bytearray()
         self.payload: list[memoryview] = []
         self.n_cmds = 0
+        self.flush_at = FLUSH_FIRST
         self.frees: list[int] = []
         self.arena: Arena | None = None
         self.defined: set[int] = set()
@@ -51,6 +66,10 @@ class Connection:
         self.lock = threading.RLock()
         self._created_shm: str | None = None
         self._payload_left = 0
+        # Tensor bytes this process moved to and from the server (tests, diagnostics).
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.peer_seq = 0  # copies offered to sibling vGPUs (CMD_PEER_SEND), in stream order
         own_arena = self._make_arena(use_shm, shm_path)
         self.welcome = self._handshake(own_arena)
 
@@ -107,7 +126,7 @@ class Connection:
                  "torch": torch.__version__, "grant": self.vgpu["grant"],
                  "client": {"host": socket.gethostname(), "pid": os.getpid(),
                             "user": _user(), "command": " ".join(sys.argv)[:1000]},
-                 "shm": None}
+                 "shm": None, "peer_key": PEER_KEY}
         if own is not None:
             hello["shm"] = {"path": own[0].path, "nonce": own[1], "size": own[0].size}
         try:
@@ -145,8 +164,9 @@ class Connection:
                 return
             self.buf += self.packer.pack(cmd)
             self.n_cmds += 1
-            if self.n_cmds >= FLUSH_OPS or len(self.buf) >= FLUSH_BYTES:
+            if self.n_cmds >= self.flush_at or len(self.buf) >= FLUSH_BYTES:
                 self.flush()
+                self.flush_at = min(2 * self.flush_at, FLUSH_OPS)
 
     def define(self, op_id: int, name: str) -> None:
         with self.lock:
@@ -211,6 +231,7 @@ class Connection:
             body, self._payload_left = frames.recv_frame(self.sock)
         except (OSError, frames.FrameError) as exc:
             raise self._lost(exc) from None
+        self.flush_at = FLUSH_FIRST  # the server has caught up with everything sent
         reply = msgpack.unpackb(body, ext_hook=codec.client_ext_hook, strict_map_key=False)
         if reply[0] == m.REPLY_ERROR:
             if self._payload_left:
@@ -235,13 +256,18 @@ class Connection:
         code = codec.DTYPE_CODE.get(t.dtype)
         if code is None:
             raise TypeError(f"dtype {t.dtype} is not supported on a vGPU")
+        self.bytes_up += nbytes
         raw = t.reshape(-1).view(torch.uint8) if nbytes else None
         arena = self.arena
+        if arena is not None and raw is not None and nbytes >= STREAM_MIN_BYTES \
+                and stream_chunk(arena.ring_size):
+            self._upload_streamed(arena, [m.CMD_UPLOAD, handle, code, list(t.shape), nbytes], raw)
+            return
         if arena is not None and raw is not None and SHM_MIN_BYTES <= nbytes <= arena.ring_size:
             if not arena.fits(nbytes):
                 self.flush()  # the server frees ring space only for commands it has seen
             pos = arena.reserve(nbytes)
-            arena.ring_region(pos, nbytes).copy_(raw)
+            copy_bytes(arena.ring_region(pos, nbytes), raw)
             self.push([m.CMD_UPLOAD, handle, code, list(t.shape), nbytes, pos])
             return
         self.buf += self.packer.pack([m.CMD_UPLOAD, handle, code, list(t.shape), nbytes, None])
@@ -249,25 +275,112 @@ class Connection:
             self.payload.append(memoryview(raw.numpy()))
         self.flush()  # the caller may modify its tensor right after .to("cuda") returns
 
+    def _upload_streamed(self, arena: Arena, cmd: list, raw: torch.Tensor) -> None:
+        """Send the command first, then copy chunk after chunk into the ring while the
+        worker copies the previous ones out (``[..., start, chunk]``, see protocol.shm)."""
+        nbytes = raw.numel()
+        chunk = stream_chunk(arena.ring_size)
+        start = arena.place(min(chunk, nbytes))[0]
+        self.flush()  # queued frees go first: the server may reuse that memory for this one
+        self.buf += self.packer.pack([*cmd, start, chunk])
+        self.flush()  # the worker must be reading this stream before the ring fills up
+        done = 0
+        try:
+            for pos, c in chunks(start, nbytes, chunk, arena.ring_size):
+                if arena.reserve_chunk(c, self._peer_alive) != pos:
+                    raise ShmError("shared-memory ring out of step with the upload")
+                copy_bytes(arena.ring_region(pos, c), raw[done:done + c])
+                arena.set_published(pos + c)
+                done += c
+        except ShmPeerGone as exc:
+            raise self._lost(exc) from None
+
+    def _peer_alive(self) -> bool:
+        """False once the server closed the connection (a worker that died mid-stream)."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
     def fetch(self, handle: int) -> torch.Tensor:
         with self.lock:
             return self._fetch(handle)
 
     def _fetch(self, handle: int) -> torch.Tensor:
         reply = self.request([m.CMD_FETCH, handle, None])
-        _, dtype, shape, nbytes, off = reply
+        _, dtype, shape, nbytes, off = reply[:5]
+        self.bytes_down += nbytes
         out = torch.empty(shape, dtype=dtype)
         if nbytes:
+            prefer_huge_pages(out)
             raw = out.reshape(-1).view(torch.uint8)
             if off is None:
                 frames.recv_exact_into(self.sock, memoryview(raw.numpy()))
+            elif len(reply) > 5:
+                self._fetch_streamed(raw, int(reply[5]))
             else:
                 assert self.arena is not None
-                raw.copy_(self.arena.region(off, nbytes))
+                copy_bytes(raw, self.arena.region(off, nbytes))
         return out
+
+    def _fetch_streamed(self, raw: torch.Tensor, chunk: int) -> None:
+        """Copy a streamed reply out of the download area chunk by chunk while the worker
+        writes the next ones (positions from 0 on, wrapping around the area)."""
+        arena = self.arena
+        if arena is None or not 4096 <= chunk <= arena.download_size:
+            raise self._lost(ShmError("server streamed a reply without usable shared memory"))
+        area, base, done = arena.download_size, arena.download_off, 0
+        try:
+            for pos, c in chunks(0, raw.numel(), chunk, area):
+                arena.wait_dl_published(pos + c, self._peer_alive)
+                copy_bytes(raw[done:done + c], arena.region(base + pos % area, c))
+                arena.set_dl_consumed(pos + c)
+                done += c
+        except ShmPeerGone as exc:
+            raise self._lost(exc) from None
 
     def call(self, cmd: list) -> list:
         return self.request(cmd)
+
+    # copies between vGPUs, server to server (docs/data-plane.md, "Peer copies") ----------
+    def peer_route(self, dst: Connection) -> list | None:
+        """How ``dst``'s worker reaches this session's worker for a copy, or None when the
+        bytes must come through this process (an older server, or ORION_PEER_COPY=0)."""
+        mode = PEER_COPY_MODE
+        mine = self.welcome.get("peer")
+        if mode in ("0", "off", "no", "false") or not isinstance(mine, dict) \
+                or not isinstance(dst.welcome.get("peer"), dict):
+            return None
+        same_node = self.vgpu.get("node_id") is not None \
+            and self.vgpu.get("node_id") == dst.vgpu.get("node_id")
+        if same_node and mode != "tcp" and mine.get("unix"):
+            return ["unix", mine["unix"]]
+        tcp = mine.get("tcp")
+        if not tcp:
+            return None
+        host, _, port = str(tcp).rpartition(":")
+        return ["tcp", host.strip("[]"), int(port)]
+
+    def peer_send(self, handle: int, xid: bytes) -> int:
+        """Offer ``handle`` to the peer that pulls ``xid``; sent at once (the receive
+        that follows on the other vGPU waits for it). Returns its sequence number."""
+        with self.lock:
+            self._not_capturing()
+            self.peer_seq += 1
+            self.buf += self.packer.pack([m.CMD_PEER_SEND, handle, xid, self.peer_seq])
+            self.flush()
+            return self.peer_seq
+
+    def peer_recv(self, handle: int, xid: bytes, seq: int, route: list, t: torch.Tensor) -> None:
+        """Pull transfer ``xid`` into a new tensor ``handle`` shaped like ``t``; sent at
+        once so the source's snapshot is taken early."""
+        with self.lock:
+            self._not_capturing()
+            self.buf += self.packer.pack([m.CMD_PEER_RECV, handle, xid, seq, route,
+                                          codec.DTYPE_CODE[t.dtype], list(t.shape)])
+            self.flush()
 
     def stats(self) -> dict:
         return self.request([m.CMD_STATS])[1]
@@ -303,6 +416,12 @@ class Connection:
 
 
 KEEPALIVE_IDLE_S = int(os.environ.get("ORION_KEEPALIVE_S", "10"))
+# Copies between vGPUs: "auto" (server to server, Unix socket on one node, TCP across
+# nodes), "tcp" (TCP even on one node), "0"/"off" (through this process, the old way).
+PEER_COPY_MODE = os.environ.get("ORION_PEER_COPY", "auto").strip().lower()
+# Given to every session of this process: their workers prove it to each other before a
+# copy (server/peer.py), so a stranger reaching a peer port cannot even wait there.
+PEER_KEY = secrets.token_bytes(16)
 
 
 def _keepalive(s: socket.socket) -> None:

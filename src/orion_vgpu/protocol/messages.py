@@ -16,8 +16,8 @@ REFUSED = "orion-refused"
 CMD_DEF = 0      # [0, op_id, "aten::name.overload"]
 CMD_OP = 1       # [1, op_id, args, kwargs, out_handles]
 CMD_FREE = 2     # [2, [handles]]
-CMD_UPLOAD = 3   # [3, handle, dtype, shape, nbytes, shm_offset | None]
-CMD_FETCH = 4    # [4, handle, dtype | None]  -> [OK, dtype, shape, nbytes, shm_offset | None] + payload
+CMD_UPLOAD = 3   # [3, handle, dtype, shape, nbytes, shm_offset | None(, chunk: streamed)]
+CMD_FETCH = 4    # [4, handle, dtype | None]  -> [OK, dtype, shape, nbytes, shm_offset | None(, chunk)] + payload
 CMD_CALL = 5     # [5, op_id, args, kwargs, out_handles] -> [OK, values, out_meta]
 CMD_SYNC = 6     # [6] -> [OK]
 CMD_SEED = 7     # [7, seed]
@@ -30,8 +30,32 @@ CMD_COPY = 12    # [12, dst_handle, src_handle] server-side copy between this se
 # output description for yet; the server describes its outputs (new tensors get handles
 # first_handle, first_handle + 1, ...; aliases and views of inputs are named by input index).
 CMD_PROBE = 13
+# Server-to-server copy between two vGPUs of one client (docs/data-plane.md, "Peer copies").
+# [14, handle, transfer_id (16 bytes), seq]: offer the tensor as it is at this point of the
+# stream to the one peer that proves it knows transfer_id.
+CMD_PEER_SEND = 14
+# [15, new_handle, transfer_id, seq, ["unix", name] | ["tcp", host, port], dtype, shape]:
+# pull the transfer from the source session's peer endpoint into a new contiguous tensor.
+CMD_PEER_RECV = 15
+# torch.distributed between the workers holding the tensors (docs/data-plane.md, "Distributed
+# training (DDP)"). [16, pg_id, {"step": "listen", "timeout_s"}] -> [OK, {"port"}] (rank 0's
+# worker hosts the group's store); [16, pg_id, {"step": "join", "host", "port", "prefix",
+# "rank", "size", "timeout_s", "name"}] -> [OK, {}] once every rank's worker has joined.
+CMD_PG_INIT = 16
+# [17, pg_id, kind, {args}]: one collective on this session's tensors, in place, in stream
+# order (kinds in orion_vgpu.server.collectives; "destroy" drops the group).
+CMD_COLLECTIVE = 17
+# Graphs the session keeps (docs/data-plane.md, "Graphs and torch.compile"; server/graphs.py).
+# [18, graph_id, "stream", bytes]: a CUDA-graph capture (recorded commands); handles it creates
+# are bound to fresh tensors now, as a capture allocates its memory. [18, graph_id, "fx",
+# bytes]: a torch.compile graph (msgpack map; inside it, handle ext values name graph values).
+# [18, graph_id, nil, nil] drops the graph. Errors are reported at the next sync point.
+CMD_GRAPH_DEF = 18
+# [19, graph_id, input_handles, out_handles]: run a kept graph (a stream takes no inputs).
+CMD_GRAPH_RUN = 19
 
-ANSWERED = frozenset({CMD_FETCH, CMD_CALL, CMD_SYNC, CMD_STATS, CMD_RNG_GET, CMD_PROBE})
+ANSWERED = frozenset({CMD_FETCH, CMD_CALL, CMD_SYNC, CMD_STATS, CMD_RNG_GET, CMD_PROBE,
+                      CMD_PG_INIT})
 
 REPLY_OK = 0
 REPLY_ERROR = 1

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -304,11 +304,18 @@ class OpInfo:
     grows: bool                                # may reallocate a written tensor's storage
     sizer: Callable[[_Args], int | None] | None
     unsafe_flag: bool
+    # Derived once here so that running the op looks nothing up (see Executor.run):
+    guarded: bool = field(init=False)          # something to check before it runs
+    written_at: tuple[tuple[int, str], ...] = field(init=False)  # (position, name) written
+    call: Any = field(init=False)              # the op's C++ entry (OpOverload.__call__'s)
 
-    @property
-    def guarded(self) -> bool:
-        """Something to check before it runs (most ops have nothing)."""
-        return bool(self.device_args or self.sizer or self.unsafe_flag)
+    def __post_init__(self) -> None:
+        derived = {
+            "guarded": bool(self.device_args or self.sizer or self.unsafe_flag),
+            "written_at": tuple((self.names.index(w), w) for w in self.written),
+            "call": getattr(self.op, "_op", self.op)}
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
 
 def describe_op(op: Any) -> OpInfo:
@@ -387,8 +394,12 @@ class MemoryLedger:
             new_key = self._attach(st)
             self._detach(rec[0])
             rec[0] = new_key
+            self.peak = max(self.peak, self.used)
         else:
-            self._resized(self._storages[rec[0]], st.nbytes())
+            entry = self._storages[rec[0]]
+            nbytes = st.nbytes()
+            if nbytes != entry[1]:  # unchanged (nearly always): peak >= used holds already
+                self._resized(entry, nbytes)
 
     def remove(self, t: torch.Tensor) -> None:
         rec = self._held.get(id(t))
@@ -434,11 +445,18 @@ class Executor:
         self.n_ops = 0
         # Compute-share enforcement (orion_vgpu.server.throttle); None = run freely.
         self.throttle: Any = None
+        # Handles named but not held since the last op ran: only then does ``run`` scan
+        # its arguments for them (the decoder sees every handle as the command arrives).
+        self.missing = 0
+        self._cpu = device.type == "cpu"
 
     # handles -----------------------------------------------------------------
     def resolve(self, handle: int) -> Any:
         t = self.tensors.get(handle)
-        return Missing(handle) if t is None else t
+        if t is None:
+            self.missing += 1
+            return Missing(handle)
+        return t
 
     def tensor(self, handle: Any) -> torch.Tensor:
         """The session's tensor named ``handle``, or the error the client gets."""
@@ -457,6 +475,9 @@ class Executor:
         if handle <= 0:
             return
         self._check_storable(t)
+        self._hold(handle, t)
+
+    def _hold(self, handle: int, t: torch.Tensor) -> None:
         old = self.tensors.get(handle)
         if old is None and len(self.tensors) >= MAX_TENSORS:
             raise SessionError("RuntimeError", f"a session may hold at most {MAX_TENSORS} "
@@ -473,8 +494,10 @@ class Executor:
                                "on a vGPU")
         if t.dtype not in STORABLE_DTYPES:
             raise SessionError("TypeError", f"dtype {t.dtype} is not supported on a vGPU")
+        if t.is_cpu:  # the host, and an emulated GPU's own device
+            return
         dev = t.device
-        if dev.type != "cpu" and dev != self.device:
+        if dev != self.device:
             raise SessionError("RuntimeError", f"tensor on {dev}: this vGPU is {self.device}")
 
     def free(self, handles: list[int]) -> None:
@@ -519,17 +542,18 @@ class Executor:
             if type(h) is not int:
                 raise SessionError("ProtocolError", f"out handles {outs!r:.80} are not all "
                                    "integers")
-        _check_args(args, kwargs)
-        a = _Args(info.names, args, kwargs)
+        if self.missing:  # some handle decoded since the last op is not held: which one?
+            self.missing = 0
+            _check_args(args, kwargs)
         if info.guarded:
-            self._guard(info, a)
+            self._guard(info, _Args(info.names, args, kwargs))
         snapshot = self._snapshot(info, args, kwargs) if info.grows else None
         throttle = self.throttle
         if throttle is not None:
             throttle.before_op()
         t0 = time.perf_counter()
         try:
-            result = info.op(*args, **kwargs)
+            result = info.call(*args, **kwargs)
         except Exception as exc:
             if snapshot is not None:  # an out= op may resize its output, then fail
                 self._rollback(snapshot)
@@ -545,7 +569,7 @@ class Executor:
             self.n_ops += 1
             if throttle is not None:
                 throttle.after_op(spent)
-        self._bind_outputs(info, a, result, outs, snapshot)
+        self._bind_outputs(info, args, kwargs, result, outs, snapshot)
         return result
 
     def _guard(self, info: OpInfo, a: _Args) -> None:
@@ -597,36 +621,44 @@ class Executor:
             if t.untyped_storage()._cdata in snap.storages:
                 self.ledger.refresh(t)
 
-    def _bind_outputs(self, info: OpInfo, a: _Args, result: Any, outs: list,
+    def _bind_outputs(self, info: OpInfo, args: list, kwargs: dict, result: Any, outs: list,
                       snapshot: _Snapshot | None) -> None:
-        before = self.ledger.used
+        ledger = self.ledger
+        before = ledger.used
         # In-place and out= ops may resize (or, for set_, swap) what they write.
-        for name in info.written:
-            for t in _tensors(a.get(name)):
-                self.ledger.refresh(t)
+        n_args = len(args)
+        for i, name in info.written_at:
+            v = args[i] if i < n_args else kwargs.get(name)
+            if isinstance(v, torch.Tensor):
+                ledger.refresh(v)
+            elif v is not None:
+                for t in _tensors(v):
+                    ledger.refresh(t)
         if snapshot is not None:  # set_ may grow the storage of a tensor it only reads
-            for t in _tensors([a.args, list(a.kwargs.values())]):
-                self.ledger.refresh(t)
+            for t in _tensors([args, list(kwargs.values())]):
+                ledger.refresh(t)
         stored: list[int] = []
         try:
             if outs:
-                flat = _flatten(result)
+                # Out handles are ints (checked in run); the flattened result only tensors.
+                flat = [result] if isinstance(result, torch.Tensor) else _flatten(result)
                 if len(flat) != len(outs):
                     raise SessionError("RuntimeError", f"operator returned {len(flat)} tensors, "
                                        f"client expected {len(outs)}")
                 for h, t in zip(outs, flat, strict=True):
-                    if isinstance(h, int) and h > 0:
-                        self.store(h, t)
+                    if h > 0:
+                        self._check_storable(t)
+                        self._hold(h, t)
                         stored.append(h)
-                    elif isinstance(t, torch.Tensor):
-                        self.ledger.refresh(t)
+                    else:
+                        ledger.refresh(t)
         except SessionError:
             self._undo(stored, snapshot)
             raise
-        if self.ledger.over():
-            grew = self.ledger.used - before
+        if ledger.used > ledger.limit:
+            grew = ledger.used - before
             self._undo(stored, snapshot)
-            raise SessionError("OutOfMemoryError", oom_message(grew, self.ledger))
+            raise SessionError("OutOfMemoryError", oom_message(grew, ledger))
 
     def _undo(self, stored: list[int], snapshot: _Snapshot | None) -> None:
         """A failed op leaves nothing behind: no new handles, no grown storage."""

@@ -316,6 +316,8 @@ class SessionManager:
             "hello": acc.hello, "enable_shm": bool(cfg.enable_shm),
             "throttle_level": int(throttle.throttle_level),
             "enable_computation_throttle": bool(throttle.enable_computation_throttle),
+            # Where the worker listens for sibling vGPUs' copies from other nodes (peer.py).
+            "bind_addr": cfg.bind_addr or "127.0.0.1",
         }
 
     # -- worker reports ----------------------------------------------------------------

@@ -8,12 +8,14 @@ the client's command stream until the client says goodbye or goes away.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import resource
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 import msgpack
@@ -22,8 +24,20 @@ import torch
 from orion_vgpu import PROTOCOL_VERSION, __version__
 from orion_vgpu.protocol import codec, frames
 from orion_vgpu.protocol import messages as m
-from orion_vgpu.protocol.shm import Arena, ShmError
+from orion_vgpu.protocol.shm import (
+    STREAM_MIN_BYTES,
+    Arena,
+    ShmError,
+    ShmPeerGone,
+    chunks,
+    copy_bytes,
+    prefer_huge_pages,
+    stream_chunk,
+)
+from orion_vgpu.server import peer
+from orion_vgpu.server.collectives import Collectives
 from orion_vgpu.server.executor import Executor, SessionError, oom_message
+from orion_vgpu.server.graphs import GraphStore
 from orion_vgpu.server.throttle import make_throttle
 
 log = logging.getLogger("orion.session")
@@ -45,18 +59,26 @@ class Control:
             except OSError:
                 pass  # the manager is gone; the session still ends cleanly
 
-    def receive_session(self) -> tuple[dict, socket.socket]:
-        data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 20, 1)
-        if not data:
-            raise SystemExit(0)  # manager closed us while idle
-        buf = bytearray(data)
-        body_len = frames.HEADER.unpack_from(buf)[0]
-        while len(buf) < frames.HEADER.size + body_len:
-            buf += frames.recv_exact(self.sock, frames.HEADER.size + body_len - len(buf))
-        spec = msgpack.unpackb(bytes(buf[frames.HEADER.size:frames.HEADER.size + body_len]))
-        if not fds:
-            raise SystemExit("session spec came without a client connection")
-        return spec, socket.socket(fileno=fds[0])
+    def receive(self) -> tuple[dict, list[int]]:
+        """One control frame and the fds sent with it. Reads exactly one frame: a fork
+        request and the session spec may follow each other, each with its own fd."""
+        head, fds = self._recv_fds(frames.HEADER.size)
+        body_len = frames.HEADER.unpack(head)[0]
+        body, more = self._recv_fds(body_len)
+        msg = msgpack.unpackb(bytes(body))
+        if not isinstance(msg, dict):
+            raise SystemExit("control message is not a map")
+        return msg, fds + more
+
+    def _recv_fds(self, n: int) -> tuple[bytearray, list[int]]:
+        buf, fds = bytearray(), []
+        while len(buf) < n:
+            data, got, _flags, _addr = socket.recv_fds(self.sock, n - len(buf), 4)
+            if not data:
+                raise SystemExit(0)  # manager closed us while idle
+            buf += data
+            fds += got
+        return buf, fds
 
 
 class Session:
@@ -74,6 +96,14 @@ class Session:
             strict_map_key=False, max_buffer_size=frames.MAX_BODY)
         self.payload_left = 0
         self.packer = msgpack.Packer(default=codec.encode_default)
+        self.end_reason: str | None = None  # set when the stream cannot go on (a stalled transfer)
+        self.peer: peer.PeerEndpoint | None = None  # copies to/from sibling vGPUs (peer.py)
+        # torch.distributed process groups among the workers of a program's ranks
+        self.collectives = Collectives(self.ex, self.device, spec["session_id"][:8])
+        # CUDA-graph captures and torch.compile graphs the client defined (server/graphs.py)
+        self.graphs = GraphStore(self.ex, self.device, self._execute, lambda: msgpack.Unpacker(
+            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device), raw=False,
+            strict_map_key=False, max_buffer_size=frames.MAX_BODY), spec["session_id"][:8])
 
     # handshake ---------------------------------------------------------------
     def welcome(self) -> None:
@@ -83,9 +113,11 @@ class Session:
         if shm and self.spec.get("enable_shm", True):
             shm_ok = self._attach_shm(shm)
         props = self._device_props()
+        self.peer = peer.open_endpoint(self.spec, self.ex.ledger)
         body = msgpack.packb({"kind": m.WELCOME, "session_id": self.spec["session_id"],
                               "protocol": PROTOCOL_VERSION, "version": __version__,
-                              "torch": torch.__version__, "device": props, "shm": shm_ok})
+                              "torch": torch.__version__, "device": props, "shm": shm_ok,
+                              "peer": self.peer.address if self.peer else None})
         frames.send_frame(self.conn, body)
         log.info("session %s allocation %s vgpu %s started on %s (%s), quota %d MiB, shm %s",
                  self.spec["session_id"][:8], self.spec["allocation_id"], self.spec["vgpu_index"],
@@ -137,22 +169,35 @@ class Session:
                 self._reply_error("ProtocolError", f"malformed frame: {exc}")
                 return f"protocol error: malformed frame ({exc})"
             if done:
-                return "client closed the session"
+                return self.end_reason or "client closed the session"
             if self.payload_left:
                 frames.discard(self.conn, self.payload_left)
 
     def _run_frame(self, body: bytearray) -> bool:
+        if self.peer is not None:
+            self.peer.settle()  # snapshots peers took leave the ledger
         self.unpacker.feed(body)
+        run = self.ex.run
         for cmd in self.unpacker:
             if not isinstance(cmd, list) or not cmd:
                 raise ValueError("command is not a non-empty array")
             kind = cmd[0]
+            if kind == m.CMD_OP and len(cmd) == 5:  # most commands: straight to the executor
+                try:
+                    run(cmd[1], cmd[2], cmd[3], cmd[4])
+                except SessionError as exc:
+                    self._fail(exc)
+                except Exception as exc:  # as in _execute: the client's error
+                    self._fail(SessionError(type(exc).__name__, str(exc)))
+                continue
             if kind == m.CMD_BYE:
                 return True
             if kind in m.ANSWERED:
                 self._answer(cmd)
             else:
                 self._execute(cmd)
+            if self.end_reason:
+                return True
         # A command cut off at the end of its frame must not be glued to the next frame: a
         # nil fed after the last command comes back alone only if none was left unfinished.
         self.unpacker.feed(b"\xc0")
@@ -195,6 +240,16 @@ class Session:
             ex.copy(cmd[1], cmd[2])
         elif kind == m.CMD_RNG_SET:
             self._rng_set(int(cmd[1]))
+        elif kind == m.CMD_PEER_SEND:
+            peer.offer(self.peer, ex, cmd)
+        elif kind == m.CMD_PEER_RECV:
+            peer.receive(ex, self.device, cmd, self.spec["session_id"][:8], self.peer)
+        elif kind == m.CMD_COLLECTIVE:
+            self.collectives.run(cmd)
+        elif kind == m.CMD_GRAPH_DEF:
+            self.graphs.define(cmd)
+        elif kind == m.CMD_GRAPH_RUN:
+            self.graphs.run(cmd)
         else:
             raise SessionError("ProtocolError", f"unknown command kind {kind!r}")
 
@@ -229,6 +284,8 @@ class Session:
         elif kind == m.CMD_RNG_GET:
             state = self._rng_state()
             self._reply([m.REPLY_OK, state.numel()], [memoryview(state.numpy())])
+        elif kind == m.CMD_PG_INIT:
+            self._reply([m.REPLY_OK, self.collectives.init(cmd)])
 
     # replies -----------------------------------------------------------------
     def _reply(self, msg: list, payload: list | None = None) -> None:
@@ -242,13 +299,18 @@ class Session:
 
     # commands ----------------------------------------------------------------
     def _upload(self, cmd: list) -> None:
-        _, handle, dtype_code, shape, nbytes, shm_pos = cmd
+        _, handle, dtype_code, shape, nbytes, shm_pos, *more = cmd
+        chunk = more[0] if more else None  # set: streamed through the ring in chunks
         dtype = codec.dtype_from_code(dtype_code)
         if not isinstance(shape, list) or type(nbytes) is not int:
             raise SessionError("ProtocolError", "upload needs a shape array and a byte count")
         if shm_pos is not None and (self.arena is None or type(shm_pos) is not int or shm_pos < 0):
             raise SessionError("ProtocolError", "upload names a shared-memory position but this "
                                "session has no shared memory")
+        if chunk is not None and (shm_pos is None or type(chunk) is not int
+                                  or not 4096 <= chunk <= self.arena.ring_size // 2):
+            raise SessionError("ProtocolError", "streamed upload without a valid ring position "
+                               "and chunk size")
         numel = 1
         for s in shape:
             if not isinstance(s, int) or s < 0:
@@ -259,27 +321,61 @@ class Session:
             raise SessionError("ValueError", "upload size does not match its shape")
         if shm_pos is None and nbytes > self.payload_left:
             raise SessionError("ProtocolError", "upload larger than the frame's payload")
-        self._check_quota_or_drain(nbytes, shm_pos)
+        self._check_quota_or_drain(nbytes, shm_pos, chunk)
         host = torch.empty(shape, dtype=dtype)
+        prefer_huge_pages(host)
         raw = host.reshape(-1).view(torch.uint8) if nbytes else None
         if raw is not None:
             if shm_pos is None:
                 frames.recv_exact_into(self.conn, memoryview(raw.numpy()))
                 self.payload_left -= nbytes
+            elif chunk is not None:
+                self._receive_stream(raw, shm_pos, nbytes, chunk)
             else:
                 assert self.arena is not None
-                raw.copy_(self.arena.ring_region(shm_pos, nbytes))
+                copy_bytes(raw, self.arena.ring_region(shm_pos, nbytes))
                 self.arena.set_consumed(shm_pos + nbytes)
         t = host if self.device.type == "cpu" else host.to(self.device)
         self.ex.store(handle, t)
 
-    def _check_quota_or_drain(self, nbytes: int, shm_pos: int | None) -> None:
+    def _receive_stream(self, raw: torch.Tensor | None, start: int, nbytes: int,
+                        chunk: int) -> None:
+        """Copy a streamed upload out of the ring as the client publishes it (``raw`` None:
+        only drain it, so the client is not left waiting for ring space)."""
+        arena = self.arena
+        assert arena is not None
+        done = 0
+        try:
+            for pos, c in chunks(start, nbytes, chunk, arena.ring_size):
+                arena.wait_published(pos + c, self._client_alive)
+                if raw is not None:
+                    copy_bytes(raw[done:done + c], arena.ring_region(pos, c))
+                arena.set_consumed(pos + c)
+                done += c
+        except ShmPeerGone:
+            raise frames.PeerClosed("client disconnected in the middle of an upload") from None
+        except ShmError as exc:
+            self.end_reason = f"protocol error: {exc}"
+            raise SessionError("ProtocolError", str(exc)) from None
+
+    def _client_alive(self) -> bool:
+        try:
+            return self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def _check_quota_or_drain(self, nbytes: int, shm_pos: int | None,
+                              chunk: int | None = None) -> None:
         try:
             self.ex.check_alloc(nbytes)
         except SessionError:
             if shm_pos is None:
                 frames.discard(self.conn, nbytes)
                 self.payload_left -= nbytes
+            elif chunk is not None:
+                self._receive_stream(None, shm_pos, nbytes, chunk)
             elif self.arena is not None:
                 self.arena.set_consumed(shm_pos + nbytes)
             raise
@@ -289,12 +385,35 @@ class Session:
         nbytes = host.numel() * host.element_size()
         raw = host.reshape(-1).view(torch.uint8)
         dtype = codec.DTYPE_EXT[host.dtype]
-        if self.arena is not None and 0 < nbytes <= self.arena.download_size:
-            self.arena.region(self.arena.download_off, nbytes).copy_(raw)
-            self._reply([m.REPLY_OK, dtype, list(host.shape), nbytes, self.arena.download_off])
+        arena = self.arena
+        if arena is not None and nbytes >= STREAM_MIN_BYTES and stream_chunk(arena.download_size):
+            arena.reset_download()
+            chunk = stream_chunk(arena.download_size)
+            self._reply([m.REPLY_OK, dtype, list(host.shape), nbytes, arena.download_off, chunk])
+            self._send_stream(raw, chunk)
+        elif arena is not None and 0 < nbytes <= arena.download_size:
+            copy_bytes(arena.region(arena.download_off, nbytes), raw)
+            self._reply([m.REPLY_OK, dtype, list(host.shape), nbytes, arena.download_off])
         else:
             self._reply([m.REPLY_OK, dtype, list(host.shape), nbytes, None],
                         [memoryview(raw.numpy())] if nbytes else None)
+
+    def _send_stream(self, raw: torch.Tensor, chunk: int) -> None:
+        """After a streamed reply: write the bytes through the download area chunk by chunk
+        as the client copies them out. The reply is sent, so a failure ends the session."""
+        arena = self.arena
+        assert arena is not None
+        area, base, done = arena.download_size, arena.download_off, 0
+        try:
+            for pos, c in chunks(0, raw.numel(), chunk, area):
+                arena.wait_dl_consumed(pos + c - area, self._client_alive)
+                copy_bytes(arena.region(base + pos % area, c), raw[done:done + c])
+                arena.set_dl_published(pos + c)
+                done += c
+        except ShmPeerGone:
+            self.end_reason = "client disconnected"
+        except ShmError as exc:
+            self.end_reason = f"protocol error: {exc}"
 
     def _call(self, cmd: list) -> None:
         _, op_id, args, kwargs, outs = cmd
@@ -444,10 +563,59 @@ def _stats_loop(session: Session, control: Control, stop: threading.Event) -> No
         control.send(session.stats())
 
 
+def _wait_for_session(control: Control) -> tuple[Control, dict, socket.socket]:
+    """Idle until the pool hands us a session. Meanwhile fork siblings when asked: a copy
+    of this process shares its imported torch copy-on-write instead of importing its own.
+    Returns in the sibling too, with the sibling's own control channel."""
+    # torch is imported: prefer this worker for the next client; it can fork siblings.
+    control.send({"type": "ready", "fork": True, "pid": os.getpid()})
+    while True:
+        msg, fds = control.receive()
+        if msg.get("type") != "fork":
+            for fd in fds[1:]:
+                os.close(fd)
+            if not fds:
+                raise SystemExit("session spec came without a client connection")
+            return control, msg, socket.socket(fileno=fds[0])
+        sibling = _fork_sibling(fds, msg.get("adopter"))
+        if sibling is not None:  # we are the new worker
+            control.sock.close()
+            control = Control(sibling)
+            control.send({"type": "ready", "fork": True, "pid": os.getpid()})
+
+
+def _fork_sibling(fds: list[int], adopter: object) -> socket.socket | None:
+    """Fork a new idle worker, reparented to the pool (``adopter``, a child subreaper) by a
+    double fork so that the pool reaps it and sees its exit status as for any worker.
+    Returns the new worker's control socket in the new worker, None here."""
+    pid = os.fork()
+    if pid:
+        for fd in fds:
+            os.close(fd)
+        os.waitpid(pid, 0)  # the intermediate exits at once
+        return None
+    try:
+        if not fds or not isinstance(adopter, int) or os.fork():
+            os._exit(0)  # the intermediate: its child is orphaned to the adopter
+        # Its own process group, but no setsid: the copy stays in this worker's session (no
+        # terminal's signals reach it), which tells the pool that its orphans are ours.
+        os.setpgid(0, 0)
+        deadline = time.monotonic() + 5.0
+        while os.getppid() != adopter:  # wait to be adopted, or the pool cannot reap us
+            if time.monotonic() > deadline:
+                os._exit(1)
+            time.sleep(0.001)
+        for fd in fds[1:]:
+            os.close(fd)
+        return socket.socket(fileno=fds[0])
+    except BaseException:
+        os._exit(1)
+
+
 def run(control_fd: int) -> int:
-    control = Control(socket.socket(fileno=control_fd))
-    control.send({"type": "ready"})  # torch is imported: prefer this worker for the next client
-    spec, conn = control.receive_session()
+    control, spec, conn = _wait_for_session(Control(socket.socket(fileno=control_fd)))
+    # Start the thread pools only now: an idle worker must have no threads to fork safely.
+    torch.set_num_threads(torch.get_num_threads())
     _setup_log(spec.get("log_file"))
     conn.setblocking(True)
     session = Session(spec, conn, control)
@@ -466,6 +634,9 @@ def run(control_fd: int) -> int:
         log.exception("session %s failed", spec.get("session_id", "?")[:8])
     finally:
         stop.set()
+        if session.peer is not None:
+            session.peer.close()  # pullers hear why; snapshots are freed
+        session.collectives.close()  # peers still in a collective fail now, not at the timeout
         log.info("session %s allocation %s vgpu %s ended: %s (%d ops, peak %d MiB)",
                  spec.get("session_id", "?")[:8], spec.get("allocation_id"),
                  spec.get("vgpu_index"), reason, session.ex.n_ops, session.ex.ledger.peak >> 20)
@@ -480,7 +651,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="orion-worker")
     parser.add_argument("--control-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())  # warm the thread pool before a client waits
+    # Siblings forked from this process share its imports until they write to them; the
+    # cycle collector would write to every object it visits, so keep it off them.
+    gc.collect()
+    gc.freeze()
     try:
         return run(args.control_fd)
     except KeyboardInterrupt:

@@ -10,12 +10,24 @@ zombies and every exit is reported exactly once.
 Worker states: ``idle`` (warm, in the pool) -> ``handing`` (picked, fd being sent) ->
 ``busy`` (serving a session) -> ``dead``. An exit seen while ``handing`` is held back
 until the hand-off finished, so the session's start is always reported before its end.
+
+Forked workers: each worker imports torch, about 150 MiB of private memory per process.
+An idle worker that says it can (``ready`` with ``fork``) is asked to fork new workers
+instead: the copy shares the imported modules copy-on-write (about 1 MiB of its own while
+idle). The idle worker has never run an op nor started a thread, and has seen no session,
+so a copy holds nothing of anyone's. The last idle worker that can fork is kept back from
+hand-offs while a copy is made for the client, so the pool never falls back to a cold start
+in a burst. The pool is a child subreaper and the worker double-forks, so forked workers
+are this process's children like the others: reaped here, with their exit status.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +53,12 @@ _FAST_DEATH_S = 10.0
 _FAILING_THRESHOLD = 3
 _MAX_BACKOFF_S = 30.0
 _REAP_AFTER_EOF_S = 3.0
+# ORION_WORKER_FORK=0 starts every worker cold (python -m), as before forked workers.
+FORK_ENV = "ORION_WORKER_FORK"
+# A fork takes milliseconds; a copy that has not said hello by then is not coming.
+_FORK_TIMEOUT_S = 10.0
+_ORPHAN_CHECK_S = 5.0
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 class WorkerUnavailable(Exception):
@@ -53,16 +71,62 @@ def describe_exit(returncode: int) -> str:
     return f"worker exited with code {returncode}"
 
 
+class AdoptedProc:
+    """A forked worker: our child by adoption, so waited for and signalled like a Popen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._lock = threading.Lock()
+
+    def poll(self) -> int | None:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere: the status is lost (as Popen)
+                    pid, status = self.pid, 0
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while (rc := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"worker pid {self.pid}", timeout or 0.0)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return rc
+
+    def send_signal(self, sig: int) -> None:
+        # Under the lock: not reaped yet, so the pid cannot have been reused.
+        with self._lock:
+            if self.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class Worker:
     """One worker process and the manager's end of its control socket."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], ctrl: socket.socket) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes] | AdoptedProc,
+                 ctrl: socket.socket) -> None:
         self.proc = proc
         self.ctrl = ctrl
         self.started_at = time.monotonic()
         self.state = "idle"
         self.ready = False          # the worker said it finished importing (optional)
         self.talked = False         # any control message received
+        self.can_fork = False       # said it can fork copies of itself
+        self.forking = False        # a copy is being made: not to be handed a session
         self.owner: Any = None      # the session object, set before the fd is sent
         self.end_reason: str | None = None
         self.exit_desc: str | None = None   # set once reaped
@@ -101,10 +165,16 @@ class WorkerPool:
         self._last_failure = ""
         self._retry_at = 0.0
         self._maintainer: threading.Thread | None = None
+        self._fork = False          # set in start(): forking allowed and we can adopt
+        # Session ids of our workers, live or gone: their orphans are ours to reap. Forked
+        # workers stay in their cold ancestor's session, so this holds one id per cold start.
+        self._worker_sids: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        if os.environ.get(FORK_ENV, "1") != "0":
+            self._fork = _subreaper.acquire()
         self._maintainer = threading.Thread(target=self._maintain, name="orion-workerpool",
                                             daemon=True)
         self._maintainer.start()
@@ -132,6 +202,10 @@ class WorkerPool:
                     w.monitor.join(1.0)
         if self._maintainer is not None:
             self._maintainer.join(5.0)
+        if self._fork:
+            self._reap_orphans()
+            _subreaper.release()
+            self._fork = False
 
     def idle_pids(self) -> list[int]:
         with self._cond:
@@ -186,8 +260,9 @@ class WorkerPool:
                 worker.state, worker.owner = "handing", owner
                 self._cond.notify_all()  # the maintainer starts a replacement
                 return worker
-        # No warm worker (a burst of sessions): start one now. The fd and spec wait in
-        # the control socket until it has finished importing.
+        # No warm worker to spare (a burst of sessions): start one now, forked from the
+        # idle worker kept for that (milliseconds); a cold one gets the fd and spec in its
+        # control socket and reads them once it has finished importing.
         worker = self._spawn_or_refuse()
         with self._cond:
             worker.state, worker.owner = "handing", owner
@@ -197,6 +272,10 @@ class WorkerPool:
 
     def _pick_idle(self) -> Worker | None:
         live = [w for w in self._idle if w.proc.poll() is None]
+        forkers = [w for w in live if w.can_fork]
+        # Keep the last worker that can fork: the caller forks a copy of it instead.
+        live = [w for w in live if not w.forking
+                and not (self._fork and len(forkers) == 1 and w is forkers[0])]
         if not live:
             return None
         # Prefer workers known to have torch imported, then the oldest (most likely warm).
@@ -219,10 +298,21 @@ class WorkerPool:
     # -- keeping the pool warm ---------------------------------------------------------
 
     def _maintain(self) -> None:
+        orphans_checked = time.monotonic()
         while True:
             with self._cond:
                 while not self._stopping and not self._should_spawn():
-                    self._cond.wait(timeout=self._wait_time())
+                    timeout = self._wait_time()
+                    if self._fork:
+                        timeout = min(timeout or _ORPHAN_CHECK_S, _ORPHAN_CHECK_S)
+                    self._cond.wait(timeout=timeout)
+                    if self._fork and time.monotonic() - orphans_checked >= _ORPHAN_CHECK_S:
+                        orphans_checked = time.monotonic()
+                        self._cond.release()  # no lock while reading /proc
+                        try:
+                            self._reap_orphans()
+                        finally:
+                            self._cond.acquire()
                 if self._stopping:
                     return
             try:
@@ -236,6 +326,26 @@ class WorkerPool:
             with self._cond:
                 if self._register(worker):
                     self._idle.append(worker)
+
+    def _reap_orphans(self) -> None:
+        """Reap zombies adopted from our workers' process trees (a subreaper adopts every
+        orphan below it: a copy that died before its hello, a dead worker's children).
+        Only processes in one of our workers' sessions that lead none themselves: never a
+        child that other code in this process started and will wait for."""
+        try:
+            # Cheap check first: is any child of ours a zombie at all?
+            if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return
+        except ChildProcessError:
+            return
+        with self._cond:
+            tracked = {w.pid for w in self._all}
+            ours = set(self._worker_sids)
+        for pid, sid in _zombie_children():
+            if pid not in tracked and sid != pid and sid in ours:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                    log.debug("reaped orphan pid %d of worker session %d", pid, sid)
 
     def _should_spawn(self) -> bool:
         return len(self._idle) < self.warm and time.monotonic() >= self._retry_at
@@ -253,6 +363,63 @@ class WorkerPool:
         self._cond.notify_all()
 
     def _spawn(self) -> Worker:
+        """A new worker: forked from an idle one when one can, else started cold."""
+        template = self._claim_template()
+        if template is None:
+            return self._spawn_cold()
+        try:
+            return self._spawn_forked(template)
+        except (OSError, frames.FrameError, ValueError) as exc:
+            log.warning("could not fork a worker from idle worker pid %d (%s); starting one "
+                        "cold", template.pid, exc)
+            return self._spawn_cold()
+        finally:
+            with self._cond:
+                template.forking = False
+                self._cond.notify_all()
+
+    def _claim_template(self) -> Worker | None:
+        """An idle worker that can fork, marked as forking; waits while all are busy forking."""
+        with self._cond:
+            while self._fork and not self._stopping:
+                forkers = [w for w in self._idle if w.can_fork and w.proc.poll() is None]
+                free = [w for w in forkers if not w.forking]
+                if free:
+                    template = min(free, key=lambda w: w.started_at)
+                    template.forking = True
+                    return template
+                if not forkers:
+                    return None
+                self._cond.wait(0.5)
+            return None
+
+    def _spawn_forked(self, template: Worker) -> Worker:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            request = msgpack.packb({"type": "fork", "adopter": os.getpid()})
+            try:
+                _send_with_fd(template.ctrl, frames.HEADER.pack(len(request), 0) + request,
+                              child.fileno())
+            finally:
+                child.close()
+            # The copy says hello once it is our child (adopted), so its pid is ours to reap.
+            parent.settimeout(_FORK_TIMEOUT_S)
+            body, _ = frames.recv_frame(parent, max_body=MAX_CONTROL_BODY)
+            parent.settimeout(None)
+            hello = msgpack.unpackb(bytes(body), raw=False)
+            pid = hello.get("pid") if isinstance(hello, dict) else None
+            if not isinstance(pid, int) or hello.get("type") != "ready" or _ppid(pid) != os.getpid():
+                raise ValueError(f"unexpected hello {hello!r} from a forked worker")
+        except BaseException:
+            parent.close()
+            raise
+        worker = Worker(AdoptedProc(pid), parent)
+        worker.ready = worker.talked = True
+        worker.can_fork = hello.get("fork") is True
+        log.debug("forked session worker pid %d from idle worker pid %d", pid, template.pid)
+        return worker
+
+    def _spawn_cold(self) -> Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         # A worker must never arm the client runtime for itself, even when the daemon was
@@ -260,6 +427,9 @@ class WorkerPool:
         env.pop("ORION_VGPU", None)
         # Spinning OpenMP threads steal the cores other sessions' ops need (and skew shares).
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # numpy's OpenBLAS starts a thread pool at import; an idle worker must have no
+        # thread to be forked safely, and ops run on torch's own pools anyway.
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
         # Workers run client-chosen kernels: keep the pool's secrets out of their reach.
         for secret in ("ORION_POOL_TOKEN", "ORION_TOKEN", "ORION_ADMIN_PASSWORD"):
             env.pop(secret, None)
@@ -286,6 +456,8 @@ class WorkerPool:
             worker.ctrl.close()
             return False
         self._all.add(worker)
+        with contextlib.suppress(OSError):
+            self._worker_sids.add(os.getsid(worker.pid))
         worker.monitor = threading.Thread(target=self._monitor, args=(worker,),
                                           name=f"orion-worker-{worker.pid}", daemon=True)
         worker.monitor.start()
@@ -326,6 +498,7 @@ class WorkerPool:
             worker.end_reason = reason if isinstance(reason, str) and reason else None
         elif kind == "ready":
             worker.ready = True
+            worker.can_fork = msg.get("fork") is True
         elif owner is not None:
             self._on_message(owner, msg)
 
@@ -376,6 +549,70 @@ class WorkerPool:
             self._on_exit(worker.owner, worker.end_reason, worker.exit_desc)
         except Exception:
             log.exception("session end handler failed for worker pid %d", worker.pid)
+
+
+class _Subreaper:
+    """PR_SET_CHILD_SUBREAPER for as long as any pool in this process forks workers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._users == 0 and not _set_subreaper(1):
+                return False
+            self._users += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                _set_subreaper(0)
+
+
+def _set_subreaper(on: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = libc.prctl(_PR_SET_CHILD_SUBREAPER, on, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        ok = False
+    if not ok and on:
+        log.warning("cannot become a child subreaper (%s); session workers start cold",
+                    os.strerror(ctypes.get_errno()) if ctypes.get_errno() else "no prctl")
+    return ok
+
+
+_subreaper = _Subreaper()
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (which may hold spaces and parentheses)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(_stat_fields(pid)[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _zombie_children() -> list[tuple[int, int]]:
+    """(pid, session id) of this process's zombie children."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = _stat_fields(int(entry))
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == me:
+            found.append((int(entry), int(fields[3])))
+    return found
 
 
 def _send_with_fd(ctrl: socket.socket, frame: bytes, fd: int) -> None:

@@ -1,0 +1,81 @@
+"""The executor's per-op path: handles decoded as commands arrive, outputs bound, and the
+memory ledger kept exact through in-place ops that swap or grow storages."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+
+from orion_vgpu.protocol import codec
+from orion_vgpu.server.executor import Executor, SessionError
+
+H = codec.handle_ext
+
+
+def _session() -> tuple[Executor, msgpack.Unpacker]:
+    ex = Executor(torch.device("cpu"), 1 << 24)
+    unpacker = msgpack.Unpacker(ext_hook=codec.make_ext_hook(ex.resolve, ex.device), raw=False,
+                                strict_map_key=False)
+    for oid, name in enumerate(("aten::add.Tensor", "aten::add_.Tensor", "aten::cat.default",
+                                "aten::set_.source_Tensor", "aten::resize_.default",
+                                "aten::add.out"), start=1):
+        ex.define(oid, name)
+    ex.store(1, torch.ones(4))
+    ex.store(2, torch.ones(16))
+    return ex, unpacker
+
+
+def _run(ex: Executor, unpacker: msgpack.Unpacker, cmd: list) -> None:
+    """Decode ``cmd`` as the worker does (handles resolve while it is read), then run it."""
+    unpacker.feed(msgpack.packb(cmd, default=codec.encode_default))
+    _kind, op_id, args, kwargs, outs = next(unpacker)
+    ex.run(op_id, args, kwargs, outs)
+
+
+def _exact(ex: Executor) -> None:
+    assert ex.ledger.used == ex.ledger.recount()
+    assert ex.ledger.peak >= ex.ledger.used
+
+
+def test_a_missing_handle_is_named_whatever_came_before() -> None:
+    ex, unpacker = _session()
+    with pytest.raises(SessionError, match="tensor handle 99 is not held"):
+        _run(ex, unpacker, [1, 1, [H(1), H(99)], {}, [10]])
+    _run(ex, unpacker, [1, 1, [H(1), H(1)], {}, [10]])  # the next op runs
+    assert torch.equal(ex.tensors[10], torch.full((4,), 2.0))
+    # A handle missing from something that never ran as an op leaves no trace on the next
+    unpacker.feed(msgpack.packb([2, [H(77)]], default=codec.encode_default))
+    next(unpacker)
+    _run(ex, unpacker, [1, 1, [H(10), H(1)], {}, [11]])
+    with pytest.raises(SessionError, match="tensor handle 98 is not held"):
+        _run(ex, unpacker, [1, 3, [[H(1), H(98)]], {}, [12]])  # inside a tensor list
+    assert 12 not in ex.tensors
+    _exact(ex)
+
+
+def test_outputs_and_inplace_writes_keep_the_ledger_exact() -> None:
+    ex, unpacker = _session()
+    _run(ex, unpacker, [1, 2, [H(1), 1.0], {}, [0]])            # add_: an alias, no handle
+    _run(ex, unpacker, [1, 1, [H(1), H(1)], {}, [20]])          # add: one new tensor
+    _run(ex, unpacker, [1, 6, [H(1), H(1)], {"out": H(20)}, [0]])  # out=: written in place
+    assert torch.equal(ex.tensors[20], torch.full((4,), 4.0))
+    _exact(ex)
+    before = ex.ledger.used
+    _run(ex, unpacker, [1, 4, [H(1), H(2)], {}, [0]])   # set_: 1 now shares 2's storage
+    assert ex.ledger.used == before - 16  # 1's old 4 floats are gone, 2's are counted once
+    _exact(ex)
+    _run(ex, unpacker, [1, 5, [H(2), [64]], {}, [0]])   # resize_: the shared storage grows
+    assert ex.ledger.used == before - 16 + 48 * 4
+    _exact(ex)
+    ex.free([1, 2, 20])
+    assert ex.ledger.used == 0 and ex.ledger.recount() == 0
+
+
+def test_an_op_past_the_quota_leaves_nothing_behind() -> None:
+    ex, unpacker = _session()
+    ex.store(3, torch.ones(3 << 20))  # 12 MiB of the 16
+    with pytest.raises(SessionError, match="out of memory"):
+        _run(ex, unpacker, [1, 1, [H(3), H(3)], {}, [30]])
+    assert 30 not in ex.tensors
+    _exact(ex)

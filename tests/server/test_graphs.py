@@ -1,0 +1,258 @@
+"""The graphs a session keeps (server/graphs.py), driven the way a worker drives them.
+
+The bodies are built with the protocol codec as the client builds them; the executor is
+the real one, so the allowlist, the quota and the handle table are the session's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from orion_vgpu.protocol import codec
+from orion_vgpu.protocol import messages as m
+from orion_vgpu.server.executor import Executor, SessionError
+from orion_vgpu.server.graphs import GraphStore
+
+CPU = torch.device("cpu")
+F32 = torch.float32
+H = codec.handle_ext
+
+
+def _store(ex: Executor) -> GraphStore:
+    def execute(cmd: list) -> None:  # what the worker does with a stream's op commands
+        if cmd[0] == m.CMD_OP:
+            ex.run(cmd[1], cmd[2], cmd[3], cmd[4])
+
+    def unpacker() -> msgpack.Unpacker:
+        return msgpack.Unpacker(ext_hook=codec.make_ext_hook(ex.resolve, CPU), raw=False,
+                                strict_map_key=False)
+
+    return GraphStore(ex, CPU, execute, unpacker, "test")
+
+
+def _mlp_body() -> dict[str, Any]:
+    """relu(x @ w.T + b) + ones(16), and its matmul input: inputs x [4,8], w [16,8], b [16]."""
+    return {"inputs": [[[4, 8], [8, 1], F32], [[16, 8], [8, 1], F32], [[16], [1], F32]],
+            "nodes": [["aten::t", [H(1)], {}],
+                      ["aten::addmm", [H(2), H(0), H(3)], {}],
+                      ["aten::relu", [H(4)], {}],
+                      ["aten::ones", [[16]], {"dtype": F32, "device": codec.DEVICE_REMOTE}],
+                      ["aten::add.Tensor", [H(5), H(6)], {}]],
+            "outputs": [H(7), H(4)],
+            "out_meta": [[[4, 16], [16, 1], F32], [[4, 16], [16, 1], F32]]}
+
+
+def _define(store: GraphStore, gid: int, body: dict[str, Any]) -> None:
+    store.define([m.CMD_GRAPH_DEF, gid, "fx", msgpack.packb(body, default=codec.encode_default)])
+
+
+def _inputs(ex: Executor) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    ts = [torch.randn(4, 8), torch.randn(16, 8), torch.randn(16)]
+    for h, t in enumerate(ts, start=1):
+        ex.store(h, t)
+    return ts
+
+
+def test_fx_graph_runs_like_eager_and_binds_outputs() -> None:
+    ex = Executor(CPU, 1 << 30)
+    store = _store(ex)
+    _define(store, 1, _mlp_body())
+    x, w, b = _inputs(ex)
+    store.run([m.CMD_GRAPH_RUN, 1, [ex.tensors[1], ex.tensors[2], ex.tensors[3]], [10, 11]])
+    mm = torch.addmm(b, x, w.t())
+    assert torch.equal(ex.tensors[10], torch.relu(mm) + 1)
+    assert torch.equal(ex.tensors[11], mm)
+    assert ex.ledger.used == sum(t.untyped_storage().nbytes() for t in ex.tensors.values())
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("orion_test::scale", "only aten, prims operators run remotely"),
+    ("aten::from_file", "is not allowed on a vGPU"),
+    ("aten::resize_", "may resize a tensor's storage"),
+    ("aten::no_such_op", "unknown operator"),
+])
+def test_fx_graph_with_a_refused_operator_is_not_kept(name: str, why: str) -> None:
+    ex = Executor(CPU, 1 << 30)
+    store = _store(ex)
+    body = _mlp_body()
+    body["nodes"][2] = [name, [H(4)], {}]
+    with pytest.raises(SessionError, match="torch.compile graph refused") as err:
+        _define(store, 1, body)
+    assert why in str(err.value)
+    assert not store.graphs
+    with pytest.raises(SessionError, match="not defined in this session"):
+        store.run([m.CMD_GRAPH_RUN, 1, [], []])
+
+
+def test_fx_graph_checked_when_defined() -> None:
+    ex = Executor(CPU, 1 << 30)
+    store = _store(ex)
+    body = _mlp_body()
+    body["nodes"][4] = ["aten::add.Tensor", [H(5), H(9)], {}]  # names a later value
+    with pytest.raises(SessionError, match="used before it is defined"):
+        _define(store, 1, body)
+    body = _mlp_body()
+    body["nodes"][3] = ["aten::ones", [[15]], {"dtype": F32, "device": codec.DEVICE_REMOTE}]
+    with pytest.raises(SessionError, match=r"node 4 \(aten::add\) fails"):  # shapes disagree
+        _define(store, 2, body)
+
+
+def test_fx_graph_inputs_must_match_their_definition() -> None:
+    ex = Executor(CPU, 1 << 30)
+    store = _store(ex)
+    _define(store, 1, _mlp_body())
+    _inputs(ex)
+    ex.store(4, torch.randn(4, 9))
+    with pytest.raises(SessionError, match=r"graph input 0 is \(4, 9\)"):
+        store.run([m.CMD_GRAPH_RUN, 1, [ex.tensors[4], ex.tensors[2], ex.tensors[3]], [10, 11]])
+    assert 10 not in ex.tensors
+
+
+def test_fx_graph_peak_memory_is_checked_before_it_runs() -> None:
+    body = {"inputs": [[[1024], [1], F32]],
+            "nodes": [["aten::expand", [H(0), [4096, 1024]], {}],
+                      ["aten::clone", [H(1)], {}],  # 16 MiB intermediate
+                      ["aten::sum", [H(2)], {}]],
+            "outputs": [H(3)], "out_meta": [[[], [], F32]]}
+    ex = Executor(CPU, 8 << 20)
+    store = _store(ex)
+    _define(store, 1, body)
+    assert store.graphs[1].peak >= 16 << 20  # type: ignore[union-attr]
+    ex.store(1, torch.ones(1024))
+    with pytest.raises(SessionError) as err:
+        store.run([m.CMD_GRAPH_RUN, 1, [ex.tensors[1]], [2]])
+    assert err.value.kind == "OutOfMemoryError"
+    assert ex.n_ops == 0  # refused before anything ran
+
+
+def test_fx_graph_intermediate_the_table_would_refuse_stops_the_run() -> None:
+    body = {"inputs": [[[4, 4], [4, 1], F32]],
+            "nodes": [["aten::_to_sparse", [H(0)], {}], ["aten::_to_dense", [H(1)], {}]],
+            "outputs": [H(2)], "out_meta": [[[4, 4], [4, 1], F32]]}
+    ex = Executor(CPU, 1 << 30)
+    store = _store(ex)
+    _define(store, 1, body)
+    ex.store(1, torch.eye(4))
+    with pytest.raises(SessionError, match="sparse_coo"):
+        store.run([m.CMD_GRAPH_RUN, 1, [ex.tensors[1]], [2]])
+
+
+def test_stream_binds_its_handles_when_defined_and_replays_on_them() -> None:
+    ex = Executor(CPU, 1 << 30)
+    ex.define(1, "aten::mul.Tensor")
+    ex.define(2, "aten::add_.Tensor")
+    ex.store(1, torch.full((3,), 2.0))
+    stream = b"".join(msgpack.packb(c, default=codec.encode_default) for c in (
+        [m.CMD_OP, 1, [H(1), H(1)], {}, [5]],   # static output 5 = x * x
+        [m.CMD_OP, 2, [H(1), H(5)], {}, [0]],   # x += 5 (in place)
+    ))
+    store = _store(ex)
+    store.define([m.CMD_GRAPH_DEF, 7, "stream", stream])
+    assert ex.tensors[5].shape == (3,)  # exists before the first replay, as on a GPU
+    store.run([m.CMD_GRAPH_RUN, 7, [], []])
+    store.run([m.CMD_GRAPH_RUN, 7, [], []])
+    assert ex.tensors[1].tolist() == [42.0] * 3  # 2 -> 2 + 4 = 6 -> 6 + 36 = 42
+    store.define([m.CMD_GRAPH_DEF, 7, None, None])
+    assert 7 not in store.graphs
+
+
+def test_stream_that_does_not_fit_leaves_nothing_behind() -> None:
+    ex = Executor(CPU, 1 << 20)
+    ex.define(1, "aten::zeros")
+    stream = msgpack.packb([m.CMD_OP, 1, [[1 << 30]], {"dtype": F32}, [5]],
+                           default=codec.encode_default)
+    store = _store(ex)
+    with pytest.raises(SessionError) as err:
+        store.define([m.CMD_GRAPH_DEF, 1, "stream", stream])
+    assert err.value.kind == "OutOfMemoryError"
+    assert 5 not in ex.tensors and ex.ledger.used == 0
+
+
+@pytest.mark.parametrize("cmd", [[m.CMD_UPLOAD, 5, 0, [4], 16, None], [m.CMD_FETCH, 1, None],
+                                 [m.CMD_FREE, [1]], [m.CMD_BYE]])
+def test_stream_refuses_commands_a_capture_cannot_hold(cmd: list) -> None:
+    ex = Executor(CPU, 1 << 30)
+    with pytest.raises(SessionError, match="cannot be part of a graph"):
+        _store(ex).define([m.CMD_GRAPH_DEF, 1, "stream", msgpack.packb(cmd)])
+
+
+def test_streams_nest_at_most_a_few_levels() -> None:
+    ex = Executor(CPU, 1 << 30)
+    store = _store(ex)
+    store.execute = lambda cmd: store.run(cmd)  # a stream that runs itself, as a worker would
+    store.define([m.CMD_GRAPH_DEF, 1, "stream", msgpack.packb([m.CMD_GRAPH_RUN, 1, [], []])])
+    with pytest.raises(SessionError, match="nest more than"):
+        store.run([m.CMD_GRAPH_RUN, 1, [], []])
+
+
+def test_inductor_compiles_the_same_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path (inductor) on the emulated device: same results as the interpreter."""
+    monkeypatch.setenv("ORION_GRAPH_COMPILER", "inductor")
+    ex = Executor(CPU, 1 << 30)
+    store = _store(ex)
+    _define(store, 1, _mlp_body())
+    assert store.graphs[1].compiled is not None  # type: ignore[union-attr]
+    x, w, b = _inputs(ex)
+    store.run([m.CMD_GRAPH_RUN, 1, [ex.tensors[1], ex.tensors[2], ex.tensors[3]], [10, 11]])
+    assert torch.allclose(ex.tensors[10], torch.relu(torch.addmm(b, x, w.t())) + 1)
+
+
+@pytest.mark.parametrize(("node", "why"), [
+    (["aten::ones", [[4]], {"device": "cuda:1"}], "device argument 'cuda:1'"),
+    (["aten::segment_reduce", [H(0), "sum"], {"lengths": H(0), "unsafe": True}], "unsafe=True"),
+])
+def test_fx_graph_guards_that_need_no_session_state_run_when_defined(node: list, why: str) -> None:
+    body = {"inputs": [[[4], [1], F32]], "nodes": [node], "outputs": [H(1)],
+            "out_meta": [None]}
+    with pytest.raises(SessionError, match="torch.compile graph refused") as err:
+        _define(_store(Executor(CPU, 1 << 30)), 1, body)
+    assert why in str(err.value)
+
+
+_OPS = ["aten::add.Tensor", "aten::mul.Tensor", "aten::t", "aten::expand", "aten::ones",
+        "aten::empty.memory_format", "aten::cat", "aten::sum", "aten::split.Tensor", "getitem",
+        "aten::clone", "aten::copy_", "aten::resize_", "aten::from_file", "aten::_to_sparse",
+        "aten::_reshape_alias", "aten::as_strided", "orion_test::x", 7]
+_values = st.recursive(
+    st.one_of(st.none(), st.integers(-3, 1 << 40), st.floats(allow_nan=False, width=32),
+              st.integers(0, 8).map(H), st.sampled_from([F32, torch.int64]),
+              st.just(codec.DEVICE_REMOTE), st.just(codec.DEVICE_HOST), st.text(max_size=3)),
+    lambda kids: st.lists(kids, max_size=3), max_leaves=8)
+_metas = st.tuples(st.lists(st.integers(0, 5), max_size=2), st.sampled_from([F32, torch.int64]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inputs=st.lists(_metas, max_size=3),
+       nodes=st.lists(st.tuples(st.sampled_from(_OPS), st.lists(_values, max_size=3),
+                                st.dictionaries(st.sampled_from(["dtype", "device", "dim"]),
+                                                _values, max_size=2)), max_size=6),
+       outputs=st.lists(st.one_of(st.integers(0, 8).map(H), st.none()), max_size=3))
+def test_hostile_fx_graphs_fail_cleanly_and_keep_the_ledger_true(
+        inputs: list, nodes: list, outputs: list) -> None:
+    ex = Executor(CPU, 1 << 20)
+    store = _store(ex)
+    metas = [[shape, [int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape))], dt]
+             for shape, dt in inputs]
+    body = {"inputs": metas, "nodes": [list(n) for n in nodes], "outputs": outputs,
+            "out_meta": [None] * len(outputs)}
+    args = []
+    for h, (shape, _stride, dt) in enumerate(metas, start=1):
+        ex.store(h, torch.zeros(shape, dtype=dt))
+        args.append(ex.tensors[h])
+    before = dict(ex.tensors)
+    try:
+        _define(store, 1, body)
+        store.run([m.CMD_GRAPH_RUN, 1, args, list(range(100, 100 + len(outputs)))])
+        event("ran")
+    except Exception as exc:  # the worker reports any failure to the client (SessionError)
+        event(f"failed: {type(exc).__name__}")
+        assert not isinstance(exc, (MemoryError, RecursionError, SystemError)), exc
+    assert ex.ledger.used == ex.ledger.recount() <= ex.ledger.limit
+    assert all(ex.tensors[h] is t for h, t in before.items())
