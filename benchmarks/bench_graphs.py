@@ -7,9 +7,10 @@ forward, backward, Adam), run eagerly, with the model graphed by make_graphed_ca
 compiled by torch.compile, and compiled together with the optimizer step. Local and remote
 runs alternate in the same run; each number is the median of ``--repeat`` processes, each
 process reporting the median of 5 rounds of ``--steps`` steps (a loss read every 20 steps).
-Remote = a vGPU on an emulated GPU (CPU). Local runs use the workers' OpenMP setting
-(``OMP_WAIT_POLICY=PASSIVE`` unless set). Local graphs need CUDA, so make_graphed_callables
-is compared with local eager only; local torch.compile uses inductor (needs a C++ compiler).
+Remote = a vGPU on an emulated GPU (CPU). Local eager is measured with default OpenMP
+threads (the data-plane benchmark's baseline) and with passive ones (the workers' setting).
+Local graphs need CUDA, so make_graphed_callables is compared with local eager only; local
+torch.compile uses inductor (needs a C++ compiler).
 """
 
 from __future__ import annotations
@@ -97,57 +98,75 @@ def main() -> None:
     if a.workload:
         print(json.dumps(workload(a.workload[0], int(a.workload[1]))))
         return
-    local_env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
-    # the workers' OpenMP setting (server/workerpool.py): on a loaded host, spinning OpenMP
-    # threads make the local side measure the load rather than the work
-    local_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    local_kinds = ("eager", "compile", "compile_all")
-    res: dict[tuple[str, str], list[dict]] = {}
-    with local_pool() as env:
-        for _ in range(a.repeat):  # alternate, so both sides see the same machine state
-            for kind in KINDS:
-                if kind in local_kinds:
-                    res.setdefault(("local", kind), []).append(run(local_env, kind, a.steps))
-                res.setdefault(("remote", kind), []).append(run(env, kind, a.steps))
-
-    def med(side: str, kind: str, field: str = "ms_per_step") -> float:
-        return statistics.median(r[field] for r in res[(side, kind)])
-
-    base = med("local", "eager")
-    rows = [
-        ("MLP step, eager (ms)", base, med("remote", "eager"), "", None),
-        ("MLP step, make_graphed_callables (ms)", base, med("remote", "graphed"), "<= 1.0x", None),
-        ("MLP step, torch.compile model (ms)", base, med("remote", "compile"), "<= 1.0x", None),
-        ("MLP step, compile model+optimizer (ms)", base, med("remote", "compile_all"), "<= 1.0x",
-         None),
-        ("  same, vs local torch.compile model (ms)", med("local", "compile"),
-         med("remote", "compile"), "", None),
-        ("  same, vs local compile model+optimizer (ms)", med("local", "compile_all"),
-         med("remote", "compile_all"), "", None),
-        ("first step incl. compile, model (s)", med("local", "compile", "setup_s"),
-         med("remote", "compile", "setup_s"), "", None),
-        ("first step incl. compile, model+opt (s)", med("local", "compile_all", "setup_s"),
-         med("remote", "compile_all", "setup_s"), "", None),
-    ]
+    res = measure(a.steps, a.repeat)
+    rows = table(res)
+    load = os.getloadavg()[0]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
-          f"{platform.python_version()}; remote = vGPU on an emulated GPU (CPU); medians of "
-          f"{a.repeat} alternating processes x 5 rounds of {a.steps} steps")
-    print(f"{'workload':46} {'local':>9} {'remote':>9} {'ratio':>6}  target")
-    out_rows = []
-    for name, loc, rem, target, _ in rows:
-        ratio = rem / loc
-        met = ratio <= 1.0 if target else None
-        print(f"{name:46} {loc:9.2f} {rem:9.2f} {ratio:6.2f}  {target}"
-              + ("" if met is None else (" met" if met else " NOT met")))
-        out_rows.append({"name": name.strip(), "local": loc, "remote": rem, "ratio": ratio,
-                         "target": target, "met": met})
+          f"{platform.python_version()}, load average {load:.1f}; remote = vGPU on an emulated "
+          f"GPU (CPU); medians of {a.repeat} alternating processes x 5 rounds of {a.steps} steps")
+    print(f"{'workload':52} {'local':>9} {'remote':>9} {'ratio':>6}  target")
+    for r in rows:
+        met = "" if r["met"] is None else (" met" if r["met"] else " NOT met")
+        print(f"{r['name']:52} {r['local']:9.2f} {r['remote']:9.2f} {r['ratio']:6.2f}  "
+              f"{r['target']}{met}")
     if a.json:
         import localpool
         writer = getattr(localpool, "write_json", None)
         if writer is not None:
-            writer(a.json, "graphs", out_rows)
+            writer(a.json, "graphs", rows, load_average=load)
         else:
-            Path(a.json).write_text(json.dumps({"benchmark": "graphs", "rows": out_rows}))
+            Path(a.json).write_text(json.dumps({"benchmark": "graphs", "rows": rows}))
+
+
+def measure(steps: int, repeat: int) -> dict[tuple[str, str], list[dict]]:
+    """Alternating runs, so both sides see the same machine state. Local eager runs twice:
+    with the default OpenMP threads (the data-plane benchmark's baseline) and with passive
+    ones, the workers' setting (server/workerpool.py): on a loaded host spinning threads
+    make a local process measure the load more than the work."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
+    local = {"default": base, "passive": dict(base, OMP_WAIT_POLICY="PASSIVE")}
+    local_runs = [("default", "eager"), ("passive", "eager"), ("default", "compile"),
+                  ("default", "compile_all")]
+    res: dict[tuple[str, str], list[dict]] = {}
+    with local_pool() as env:
+        for _ in range(repeat):
+            for kind in KINDS:
+                res.setdefault(("remote", kind), []).append(run(env, kind, steps))
+            for omp, kind in local_runs:
+                res.setdefault((f"local-{omp}", kind), []).append(run(local[omp], kind, steps))
+    return res
+
+
+def table(res: dict[tuple[str, str], list[dict]]) -> list[dict]:
+    def med(side: str, kind: str, field: str = "ms_per_step") -> float:
+        return statistics.median(r[field] for r in res[(side, kind)])
+
+    spec = [("MLP step, eager (ms)", "eager", ""),
+            ("MLP step, make_graphed_callables (ms)", "graphed", "<= 1.0x"),
+            ("MLP step, torch.compile model (ms)", "compile", "<= 1.0x"),
+            ("MLP step, torch.compile model+optimizer (ms)", "compile_all", "<= 1.0x")]
+    rows = []
+    for omp in ("default", "passive"):
+        for name, kind, target in spec:
+            rows.append(_row(f"{name} vs local eager, {omp} OpenMP", med(f"local-{omp}", "eager"),
+                             med("remote", kind), target))
+    rows.append(_row("torch.compile model vs local torch.compile (ms)",
+                     med("local-default", "compile"), med("remote", "compile"), ""))
+    rows.append(_row("compile model+optimizer vs same locally (ms)",
+                     med("local-default", "compile_all"), med("remote", "compile_all"), ""))
+    rows.append(_row("first step incl. compile, model (s)",
+                     med("local-default", "compile", "setup_s"),
+                     med("remote", "compile", "setup_s"), ""))
+    rows.append(_row("first step incl. compile, model+optimizer (s)",
+                     med("local-default", "compile_all", "setup_s"),
+                     med("remote", "compile_all", "setup_s"), ""))
+    return rows
+
+
+def _row(name: str, local: float, remote: float, target: str) -> dict:
+    ratio = remote / local
+    return {"name": name, "local": local, "remote": remote, "ratio": ratio, "target": target,
+            "met": (ratio <= 1.0) if target else None}
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,14 @@ def torchrun(script: str, env: dict[str, str], nproc: int = 2,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(SCRIPTS / script)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # Ranks write their RESULT lines to files: two ranks' long lines on one pipe interleave.
+    out_dir = Path(tempfile.mkdtemp(prefix="orion-ddp-results-"))
+    proc = subprocess.run(cmd, env={**env, "TEST_RESULT_DIR": str(out_dir)}, capture_output=True,
+                          text=True, timeout=timeout)
+    written = "".join(f.read_text() for f in sorted(out_dir.glob("rank*.txt")))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    proc.stdout += written
+    return proc
 
 
 def results(proc: subprocess.CompletedProcess[str]) -> list[dict]:

@@ -138,10 +138,11 @@ def test_fx_graph_intermediate_the_table_would_refuse_stops_the_run() -> None:
             "outputs": [H(2)], "out_meta": [[[4, 4], [4, 1], F32]]}
     ex = Executor(CPU, 1 << 30)
     store = _store(ex)
-    _define(store, 1, body)
     ex.store(1, torch.eye(4))
-    with pytest.raises(SessionError, match="sparse_coo"):
+    with pytest.raises(SessionError, match="sparse_coo"):  # at the meta run, else at the run
+        _define(store, 1, body)
         store.run([m.CMD_GRAPH_RUN, 1, [ex.tensors[1]], [2]])
+    assert 2 not in ex.tensors
 
 
 def test_stream_binds_its_handles_when_defined_and_replays_on_them() -> None:
@@ -256,3 +257,20 @@ def test_hostile_fx_graphs_fail_cleanly_and_keep_the_ledger_true(
         assert not isinstance(exc, (MemoryError, RecursionError, SystemError)), exc
     assert ex.ledger.used == ex.ledger.recount() <= ex.ledger.limit
     assert all(ex.tensors[h] is t for h, t in before.items())
+
+
+def test_fx_graph_without_meta_kernels_is_guarded_node_by_node() -> None:
+    """No peak estimate (nonzero has no meta kernel): each node's guards run before it."""
+    body = {"inputs": [[[4], [1], F32]],
+            "nodes": [["aten::nonzero", [H(0)], {}],
+                      ["aten::ones", [[1 << 40]], {"dtype": F32}]],
+            "outputs": [H(1), H(2)], "out_meta": [None, None]}
+    ex = Executor(CPU, 1 << 20)
+    store = _store(ex)
+    _define(store, 1, body)
+    assert store.graphs[1].peak is None  # type: ignore[union-attr]
+    ex.store(1, torch.ones(4))
+    with pytest.raises(SessionError) as err:  # refused before 4 TiB are asked of the host
+        store.run([m.CMD_GRAPH_RUN, 1, [ex.tensors[1]], [2, 3]])
+    assert err.value.kind == "OutOfMemoryError"
+    assert 2 not in ex.tensors and ex.ledger.used == 16

@@ -66,7 +66,10 @@ def _session(server: Server, **claims: object) -> tuple[object, dict, dict, int]
     grant, got = make_grant(**claims)
     sock, welcome = open_session(server.unix_path, make_hello(grant))
     assert welcome["kind"] == m.WELCOME, welcome
-    pid = server.manager._sessions[welcome["session_id"]].worker_pid
+    # The worker greets the client itself; the manager may record the session a moment later.
+    sessions = server.manager._sessions
+    pid = wait_until(lambda: welcome["session_id"] in sessions
+                     and sessions[welcome["session_id"]].worker_pid)
     return sock, welcome, got, pid
 
 

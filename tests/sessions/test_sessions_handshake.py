@@ -61,7 +61,7 @@ def test_accepted_hello_hands_fd_and_spec_to_worker(start_server: Callable[..., 
         "ratio": 25,
         "log_file": str(server.log_dir / f"{claims['alloc']}-2-{sid[:8]}.log"),
         "hello": expected_hello, "enable_shm": True, "throttle_level": 80,
-        "enable_computation_throttle": False,
+        "enable_computation_throttle": False, "bind_addr": "127.0.0.1",
     }
     assert reply["fd_nonblocking"] is False  # the worker gets a plain blocking socket
     # The worker owns the connection now: it answers on it.

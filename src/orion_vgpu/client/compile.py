@@ -287,9 +287,9 @@ class RemoteGraph:
         self.consts = [frontend.upload(t, self.dev) for t in ser.consts]
         self.const_exts = [c._ext for c in self.consts]
         self.gid = graphs.next_graph_id()
-        self._define(ser.body(), len(ser.nodes))
+        self._define(ser.body())
 
-    def _define(self, body: bytes, n_nodes: int) -> None:
+    def _define(self, body: bytes) -> None:
         graphs.drop_pending()
         conn = self.conn
         with conn.lock:

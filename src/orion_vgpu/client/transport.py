@@ -41,6 +41,8 @@ FLUSH_OPS = 512
 FLUSH_FIRST = 8
 SHM_MIN_BYTES = 32 * 1024
 DEFAULT_SHM_BYTES = 256 * 1024 * 1024
+# Stream large transfers through shared memory in chunks (protocol.shm); off: whole copies.
+SHM_STREAM = True
 
 
 class Connection:
@@ -259,7 +261,7 @@ class Connection:
         self.bytes_up += nbytes
         raw = t.reshape(-1).view(torch.uint8) if nbytes else None
         arena = self.arena
-        if arena is not None and raw is not None and nbytes >= STREAM_MIN_BYTES \
+        if SHM_STREAM and arena is not None and raw is not None and nbytes >= STREAM_MIN_BYTES \
                 and stream_chunk(arena.ring_size):
             self._upload_streamed(arena, [m.CMD_UPLOAD, handle, code, list(t.shape), nbytes], raw)
             return
@@ -309,7 +311,7 @@ class Connection:
             return self._fetch(handle)
 
     def _fetch(self, handle: int) -> torch.Tensor:
-        reply = self.request([m.CMD_FETCH, handle, None])
+        reply = self.request([m.CMD_FETCH, handle, None, SHM_STREAM])
         _, dtype, shape, nbytes, off = reply[:5]
         self.bytes_down += nbytes
         out = torch.empty(shape, dtype=dtype)

@@ -79,6 +79,28 @@ class _Node:
     kwargs: dict
     refs: bool                 # arguments name graph values (else constant)
     free: list[int] = field(default_factory=list)  # values dead after this node
+    # Where the references are, found once: (position, value) of a direct argument, and
+    # positions of lists that hold some (cat's tensors); kwargs that hold any are rare.
+    slots: list[tuple[int, int]] = field(default_factory=list)
+    lists: list[int] = field(default_factory=list)
+    kw_refs: bool = False
+
+    def __post_init__(self) -> None:
+        for pos, a in enumerate(self.args):
+            if type(a) is Ref:
+                self.slots.append((pos, a.i))
+            elif type(a) is list and _has_ref(a):
+                self.lists.append(pos)
+        self.kw_refs = _has_ref(list(self.kwargs.values()))
+
+    def bind(self, values: list) -> tuple[list, dict]:
+        """The arguments of a run (the hot path: no recursion, one list copy)."""
+        a = self.args.copy()
+        for pos, i in self.slots:
+            a[pos] = values[i]
+        for pos in self.lists:
+            a[pos] = _bind(a[pos], values, None)
+        return a, (_bind(self.kwargs, values, None) if self.kw_refs else self.kwargs)
 
 
 class FxGraph:
@@ -170,6 +192,7 @@ class FxGraph:
                 raise _err(f"torch.compile graph refused: node {k} ({_name(node)}) fails: "
                            f"{str(exc).splitlines()[0]}") from None
             values.append(out)
+            _check_intermediate(out, None)
             held = []
             for t in _tensors_of(out):
                 key = t.untyped_storage()._cdata
@@ -245,20 +268,21 @@ class FxGraph:
             return list(out) if isinstance(out, (tuple, list)) else [out]
         values: list[Any] = list(inputs)
         dev = self.device
+        # The meta run checked what the per-node guards check (sizes, against the peak;
+        # layouts), for these very input shapes; without it every node is checked here.
+        checked = self.peak is not None
         for node in self.nodes:
-            if node.refs:
-                a, kw = _bind(node.args, values, None), _bind(node.kwargs, values, None)
-            else:
-                a, kw = node.args, node.kwargs
+            a, kw = node.bind(values) if node.refs else (node.args, node.kwargs)
             info = node.info
-            if info is not None and info.guarded:
+            if not checked and info is not None and info.guarded:
                 ex._guard(info, _Args(info.names, a, kw))
             out = node.fn(*a, **kw)
-            _check_intermediate(out, dev)
+            if not checked:
+                _check_intermediate(out, dev)
             values.append(out)
             for r in node.free:
                 values[r] = None
-        return [_bind([o], values, None)[0] for o in self.outputs]
+        return [values[o.i] if type(o) is Ref else o for o in self.outputs]
 
     def _store(self, ex: Executor, results: list, outs: list) -> None:
         """Outputs into the session table with the layout the client was promised."""
@@ -317,14 +341,15 @@ def _name(node: _Node) -> str:
     return node.info.name if node.info is not None else GETITEM
 
 
-def _check_intermediate(out: Any, dev: torch.device) -> None:
+def _check_intermediate(out: Any, dev: torch.device | None) -> None:
     """What the session table would refuse must not flow into the next node either (sparse
-    or quantized tensors carry indices the kernels trust; other devices are not ours)."""
+    or quantized tensors carry indices the kernels trust; other devices are not ours).
+    ``dev`` None: the meta run, where devices are meta (and by construction ours)."""
     for t in _tensors_of(out):
         if t.layout is not torch.strided or t.is_nested or t.dtype not in STORABLE_DTYPES:
             raise _err(f"a compiled graph produced a {t.layout}/{t.dtype} tensor, which a "
                        "vGPU does not support")
-        if t.device != dev and t.device.type != "cpu":
+        if dev is not None and t.device != dev and t.device.type != "cpu":
             raise _err(f"a compiled graph produced a tensor on {t.device}: this vGPU is {dev}")
 
 

@@ -57,6 +57,7 @@ import torch
 from orion_vgpu.protocol import codec, frames
 from orion_vgpu.protocol.shm import prefer_huge_pages
 from orion_vgpu.server.executor import Executor, MemoryLedger, SessionError, oom_message
+from orion_vgpu.server.netif import advertised_address
 
 log = logging.getLogger("orion.session")
 
@@ -283,7 +284,6 @@ class PeerEndpoint:
         self._spawn(self._expire_loop)
 
     def _listen_tcp(self, bind_addr: str) -> str:
-        from orion_vgpu.server.netif import advertised_address
         family, kind, proto, _, sockaddr = socket.getaddrinfo(
             bind_addr, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)

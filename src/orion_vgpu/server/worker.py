@@ -386,7 +386,9 @@ class Session:
         raw = host.reshape(-1).view(torch.uint8)
         dtype = codec.DTYPE_EXT[host.dtype]
         arena = self.arena
-        if arena is not None and nbytes >= STREAM_MIN_BYTES and stream_chunk(arena.download_size):
+        streamed = len(cmd) > 3 and cmd[3] is True  # the client reads streamed replies
+        if streamed and arena is not None and nbytes >= STREAM_MIN_BYTES \
+                and stream_chunk(arena.download_size):
             arena.reset_download()
             chunk = stream_chunk(arena.download_size)
             self._reply([m.REPLY_OK, dtype, list(host.shape), nbytes, arena.download_off, chunk])

@@ -6,6 +6,19 @@ import time
 import torch
 import torch.distributed as dist
 
+
+def emit_result(res: dict) -> None:
+    """One RESULT line; under torchrun into this rank's file (long lines of two ranks on one
+    pipe interleave)."""
+    line = "RESULT " + json.dumps(res) + "\n"
+    out_dir = os.environ.get("TEST_RESULT_DIR")
+    if out_dir:
+        with open(os.path.join(out_dir, f"rank{os.environ.get('RANK', '0')}.txt"), "w") as f:
+            f.write(line)
+    else:
+        print(line, end="", flush=True)
+
+
 local_rank = int(os.environ["LOCAL_RANK"])
 dist.init_process_group("nccl", device_id=torch.device(f"cuda:{local_rank}"))
 rank, W = dist.get_rank(), dist.get_world_size()
@@ -76,4 +89,4 @@ if rank == 1:
 dist.barrier()
 res["barrier_waited"] = store.check(["rank1-before-barrier"])
 dist.destroy_process_group()
-print("RESULT " + json.dumps(res), flush=True)
+emit_result(res)

@@ -10,6 +10,19 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+
+def emit_result(res: dict) -> None:
+    """One RESULT line; under torchrun into this rank's file (long lines of two ranks on one
+    pipe interleave)."""
+    line = "RESULT " + json.dumps(res) + "\n"
+    out_dir = os.environ.get("TEST_RESULT_DIR")
+    if out_dir:
+        with open(os.path.join(out_dir, f"rank{os.environ.get('RANK', '0')}.txt"), "w") as f:
+            f.write(line)
+    else:
+        print(line, end="", flush=True)
+
+
 STEPS, MICRO, B = 4, 2, 8
 
 
@@ -120,6 +133,6 @@ def ddp_run():
 
 
 if "WORLD_SIZE" in os.environ:
-    print("RESULT " + json.dumps(ddp_run()), flush=True)
+    emit_result(ddp_run())
 else:
     print("RESULT " + json.dumps(reference(int(sys.argv[1]) if len(sys.argv) > 1 else 2)))
