@@ -395,6 +395,14 @@ class ShareTable:
     def lock(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_EX)
 
+    def try_lock(self) -> bool:
+        """Take the device lock if nobody holds it (False: a neighbour is running an op)."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
     def unlock(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
@@ -653,12 +661,22 @@ class Throttle:
             self._scan(now)
         if self.bucket is not None:
             now = self._wait_for_tokens(now)
+        if not self._shared and self._neighbours and self.table is not None:
+            # Idle neighbours: no turns, but never two ops at once. A neighbour running an
+            # op now is not idle: waiting on the lock unseen would let it keep the device
+            # (flock is not fair), so queue for a turn, where it sees us.
+            self._guard(self._try_lock)
+            self._shared = not self._locked and self.table is not None
         if self._shared:
             self._take_turn(now)
-        elif self._neighbours and self.table is not None and self._guard(self.table.lock):
-            self._locked = True  # idle neighbours: no turns, but never two ops at once
         if self.timer is not None:
             self.timer.start()
+
+    def _try_lock(self) -> None:
+        assert self.table is not None
+        self._locked = self.table.try_lock()
+        if not self._locked:
+            self._publish(BACKLOGGED, self.clock.now())
 
     def after_op(self, spent: float) -> None:
         if self.timer is not None:

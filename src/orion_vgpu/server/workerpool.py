@@ -278,8 +278,11 @@ class WorkerPool:
                 and not (self._fork and len(forkers) == 1 and w is forkers[0])]
         if not live:
             return None
-        # Prefer workers known to have torch imported, then the oldest (most likely warm).
-        worker = min(live, key=lambda w: (not w.ready, w.started_at))
+        # Prefer workers known to have torch imported, then not the one the next fork
+        # copies (the oldest that can fork: see _claim_template), then the oldest.
+        free = [w for w in forkers if not w.forking]
+        template = min(free, key=lambda w: w.started_at) if self._fork and free else None
+        worker = min(live, key=lambda w: (not w.ready, w is template, w.started_at))
         self._idle.remove(worker)
         if time.monotonic() - worker.started_at > _FAST_DEATH_S:
             self._failures = 0
