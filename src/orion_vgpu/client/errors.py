@@ -27,6 +27,8 @@ def raise_remote(kind: str, message: str) -> None:
     """Raise what PyTorch would have raised on a local GPU."""
     if kind == "ProtocolError":
         raise OrionError(f"the Orion Server rejected a message: {message}")
+    if kind == "SessionEnded":  # protocol.messages.ERR_SESSION_ENDED
+        raise OrionError(message)
     raise _REMOTE_TYPES.get(kind, RuntimeError)(message)
 
 

@@ -238,13 +238,31 @@ class Connection:
         if reply[0] == m.REPLY_ERROR:
             if self._payload_left:
                 frames.discard(self.sock, self._payload_left)
+            self.closed = self.closed or reply[1] == m.ERR_SESSION_ENDED
             raise_remote(reply[1], reply[2])
         return reply
 
     def _lost(self, exc: BaseException) -> OrionError:
         self.closed = True
+        last = self._last_words()
+        if last is not None:
+            return OrionError(last)
         return OrionError(f"lost the session with Orion Server {self.where} ({exc or 'closed'}); "
                           "the server stopped or the network failed: rerun the program")
+
+    def _last_words(self) -> str | None:
+        """The server's reason, when it ended the session and closed the connection while
+        we were still sending (its error reply is still in our receive buffer)."""
+        try:
+            self.sock.settimeout(0.2)
+            body, _ = frames.recv_frame(self.sock)
+            reply = msgpack.unpackb(body, strict_map_key=False)
+        except (OSError, frames.FrameError, ValueError, msgpack.UnpackException):
+            return None
+        if isinstance(reply, list) and len(reply) == 3 and reply[:2] == [m.REPLY_ERROR,
+                                                                         m.ERR_SESSION_ENDED]:
+            return str(reply[2])
+        return None
 
     # bulk data ---------------------------------------------------------------
     def upload(self, handle: int, t: torch.Tensor) -> None:

@@ -387,13 +387,42 @@ class ControllerService:
         for g in body.gpus:
             if g.uuid in known:  # ignore others: a node must not grow our memory at will
                 node.live[g.uuid] = (g.mem_used_bytes, g.busy_pct)
+        end: list[dict[str, Any]] = []
         if body.sessions is not None:
             self._reconcile(node, body.sessions, now)
+            end = self._sessions_to_end(node, body.sessions)
         if now - node.persisted_at >= PERSIST_HEARTBEAT_S:
             node.persisted_at = now
             self.store.update_node(node.id, last_heartbeat=now)
             self.store.update_gpu_live(node.id, [(u, m, b) for u, (m, b) in node.live.items()])
-        return {"ok": True}
+        # end_sessions only when there are some: older nodes read {"ok": true} alone.
+        return {"ok": True, "end_sessions": end} if end else {"ok": True}
+
+    def _sessions_to_end(
+        self, node: NodeInfo, sessions: list[schemas.SessionIn]
+    ) -> list[dict[str, Any]]:
+        """Sessions the node runs for allocations that are over (released, lease lapsed,
+        ended by an admin) or not its own: their vGPUs may be someone else's by now."""
+        end = []
+        for s in sessions:
+            a = self.live.get(s.allocation_id)
+            if a is not None and 0 <= s.vgpu_index < len(a.vgpus) \
+                    and a.vgpus[s.vgpu_index].node_id == node.id:
+                continue
+            end.append({"allocation_id": s.allocation_id, "vgpu_index": s.vgpu_index,
+                        "reason": self._not_live_reason(s.allocation_id, s.vgpu_index, a)})
+        for e in end:
+            log.warning("allocation %s vGPU %d: %s still runs a session; told to end it (%s)",
+                        e["allocation_id"], e["vgpu_index"], node.name, e["reason"])
+        return end
+
+    def _not_live_reason(self, alloc_id: str, vgpu: int, a: StoredAllocation | None) -> str:
+        if a is not None:
+            return f"vGPU {vgpu} of allocation {alloc_id} is not on this node"
+        ended = self.store.load_allocations(alloc_id=alloc_id)
+        if not ended:
+            return f"allocation {alloc_id} is unknown to the controller"
+        return f"allocation {alloc_id} is {ended[0].state}: {ended[0].end_reason}"
 
     def _reconcile(self, node: NodeInfo, sessions: list[schemas.SessionIn], now: float) -> None:
         """The server's session list is the truth: it proves sessions started, and a

@@ -59,3 +59,5 @@ ANSWERED = frozenset({CMD_FETCH, CMD_CALL, CMD_SYNC, CMD_STATS, CMD_RNG_GET, CMD
 
 REPLY_OK = 0
 REPLY_ERROR = 1
+# Error kind of a reply that ends the session (its allocation is over); the client stops.
+ERR_SESSION_ENDED = "SessionEnded"

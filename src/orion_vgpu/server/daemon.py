@@ -86,6 +86,7 @@ class Node:
             registration=registration_body(self.cfg, self.devices),
             stats=self.sessions.stats,
             on_registered=self.sessions.set_node_id,
+            on_end_sessions=self.sessions.end_sessions,
             heartbeat_interval=self.cfg.heartbeat_interval,
         )
         self.link.start()

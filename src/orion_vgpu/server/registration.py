@@ -66,6 +66,7 @@ class ControllerLink:
         registration: dict[str, Any],
         stats: Callable[[], dict[str, Any]],
         on_registered: Callable[[str], None],
+        on_end_sessions: Callable[[list[dict[str, Any]]], None] | None = None,
         heartbeat_interval: float | None = None,
         transport: httpx.BaseTransport | None = None,
         timeout: float = 5.0,
@@ -81,6 +82,7 @@ class ControllerLink:
         self._registration = registration
         self._stats = stats
         self._on_registered = on_registered
+        self._on_end_sessions = on_end_sessions
         self._interval_override = heartbeat_interval
         self.interval = heartbeat_interval or DEFAULT_HEARTBEAT_S
         self.node_id: str | None = None
@@ -227,7 +229,19 @@ class ControllerLink:
         self.registered.set()
 
     def _heartbeat(self, timeout: float | None = None) -> None:
-        self._call(f"/nodes/{self.node_id}/heartbeat", self._stats(), timeout)
+        reply = self._call(f"/nodes/{self.node_id}/heartbeat", self._stats(), timeout)
+        end = reply.get("end_sessions") if isinstance(reply, dict) else None
+        if end and isinstance(end, list):
+            self._end_sessions([e for e in end if isinstance(e, dict)])
+
+    def _end_sessions(self, sessions: list[dict[str, Any]]) -> None:
+        """The controller says these sessions' allocations are over: end them here."""
+        if self._on_end_sessions is None:
+            return
+        try:
+            self._on_end_sessions(sessions)
+        except Exception:
+            log.exception("Ending sessions the controller no longer grants failed")
 
     def _send_events(self, timeout: float | None = None) -> None:
         while self._events:
@@ -242,6 +256,10 @@ class ControllerLink:
             except httpx.HTTPStatusError as exc:
                 # The controller will never accept this one.
                 log.warning("Orion Controller refused event %s: %s", _describe(event), _reason(exc))
+                if event.get("type") == "session_started" and exc.response.status_code == 409:
+                    # Its allocation is over (the grant outlives a lapsed lease a little):
+                    # its vGPU may be someone else's now, so the session must not run.
+                    self._end_sessions([{**event, "reason": _detail(exc) or "allocation ended"}])
             self._events.popleft()
 
     def _final_flush(self) -> None:
@@ -261,15 +279,18 @@ def _describe(event: dict[str, Any]) -> str:
     return f"{event.get('type')} allocation {event.get('allocation_id')} vGPU {event.get('vgpu_index')}"
 
 
+def _detail(exc: httpx.HTTPStatusError) -> str:
+    try:
+        body = exc.response.json()
+    except ValueError:
+        return ""
+    return str(body.get("detail") or body.get("error") or "") if isinstance(body, dict) else ""
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, httpx.HTTPStatusError):
-        detail = ""
-        try:
-            body = exc.response.json()
-            detail = f": {body.get('detail') or body.get('error')}" if isinstance(body, dict) else ""
-        except ValueError:
-            pass
-        return f"HTTP {exc.response.status_code}{detail}"
+        detail = _detail(exc)
+        return f"HTTP {exc.response.status_code}{': ' + detail if detail else ''}"
     text = str(exc) or type(exc).__name__
     if "Connection refused" in text:
         return "connection refused"

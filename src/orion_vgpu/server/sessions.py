@@ -45,6 +45,8 @@ MAX_PENDING_HANDSHAKES = 64
 # wait for it forever, holding the session, its memory and its grant. Same settings as the
 # client's side (client/transport.py), so both ends give up on a dead link alike.
 KEEPALIVE_IDLE_S = int(os.environ.get("ORION_KEEPALIVE_S", "10"))
+# A session told to end (its allocation is over) that has not ended by then is killed.
+END_GRACE_S = 10.0
 # busy_pct is averaged over the worker's last few stats messages (about one a second).
 _BUSY_SAMPLES = 6
 
@@ -58,6 +60,7 @@ class Session:
     worker_pid: int = 0
     mem_used_bytes: int = 0
     ops: int = 0
+    revoked: bool = False   # told to end (end_sessions)
     # (monotonic time, cumulative busy seconds) as reported by the worker.
     busy_samples: deque[tuple[float, float]] = field(
         default_factory=lambda: deque([(time.monotonic(), 0.0)], maxlen=_BUSY_SAMPLES))
@@ -135,6 +138,23 @@ class SessionManager:
         return {"sessions": [{"allocation_id": s.allocation_id, "vgpu_index": s.vgpu_index,
                               "mem_used_bytes": mem, "busy_pct": pct} for s, mem, pct in rows],
                 "gpus": gpus}
+
+    def end_sessions(self, ended: list[dict[str, Any]]) -> None:
+        """End the sessions of allocations the controller says are over (its vGPU may be
+        someone else's now): the worker tells its client why at its next command and
+        exits; one that does not within END_GRACE_S (stuck in a long op) is killed."""
+        for item in ended:
+            key = (item.get("allocation_id"), item.get("vgpu_index"))
+            reason = str(item.get("reason") or "allocation ended")
+            with self._lock:
+                mine = [s for s in self._sessions.values()
+                        if (s.allocation_id, s.vgpu_index) == key and not s.revoked]
+                for s in mine:
+                    s.revoked = True
+            for s in mine:
+                log.warning("session %s (alloc %s vgpu %d): ending it: %s", s.session_id,
+                            s.allocation_id, s.vgpu_index, reason)
+                self._pool.end_session(s, reason, END_GRACE_S)
 
     def stop(self) -> None:
         """Close the listeners and end every session; returns when all workers are reaped."""

@@ -8,6 +8,7 @@ the client's command stream until the client says goodbye or goes away.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -97,6 +98,7 @@ class Session:
         self.payload_left = 0
         self.packer = msgpack.Packer(default=codec.encode_default)
         self.end_reason: str | None = None  # set when the stream cannot go on (a stalled transfer)
+        self.revoked: str | None = None  # oriond ended the session: its allocation is over
         self.peer: peer.PeerEndpoint | None = None  # copies to/from sibling vGPUs (peer.py)
         # torch.distributed process groups among the workers of a program's ranks
         self.collectives = Collectives(self.ex, self.device, spec["session_id"][:8])
@@ -155,7 +157,7 @@ class Session:
             try:
                 body, self.payload_left = frames.recv_frame(self.conn)
             except (frames.PeerClosed, ConnectionResetError):
-                return "client disconnected"
+                return self.closed("client disconnected")
             except frames.FrameError as exc:
                 self._reply_error("ProtocolError", str(exc))
                 return f"protocol error: {exc}"
@@ -164,7 +166,7 @@ class Session:
             try:
                 done = self._run_frame(body)
             except (frames.PeerClosed, ConnectionResetError, BrokenPipeError):
-                return "client disconnected"  # e.g. killed in the middle of an upload
+                return self.closed("client disconnected")  # e.g. killed mid-upload
             except (msgpack.UnpackException, ValueError, TypeError) as exc:
                 self._reply_error("ProtocolError", f"malformed frame: {exc}")
                 return f"protocol error: malformed frame ({exc})"
@@ -172,6 +174,22 @@ class Session:
                 return self.end_reason or "client closed the session"
             if self.payload_left:
                 frames.discard(self.conn, self.payload_left)
+
+    def revoke(self, reason: str) -> None:
+        """End the session at the next command (called from the control thread): reading
+        the client stops here, the main loop tells the client why (see ``closed``)."""
+        self.revoked = reason
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RD)
+
+    def closed(self, default: str) -> str:
+        """Why the client's stream ended: ``default``, unless oriond revoked the session."""
+        if self.revoked is None:
+            return default
+        self._reply_error(m.ERR_SESSION_ENDED,
+                          f"the Orion Controller ended this session: {self.revoked}; "
+                          "rerun the program to get a new allocation")
+        return f"ended by the controller: {self.revoked}"
 
     def _run_frame(self, body: bytearray) -> bool:
         if self.peer is not None:
@@ -549,12 +567,17 @@ def _setup_log(path: str | None) -> None:
         log.addHandler(h)
 
 
-def _watch_manager(control: Control) -> None:
-    """A session must not outlive its daemon: no one would report or reap it."""
+def _watch_manager(control: Control, session: Session) -> None:
+    """oriond's messages during the session: ``end`` revokes it. A session must not
+    outlive its daemon (no one would report or reap it): EOF ends the worker."""
     try:
-        while control.sock.recv(4096):
-            pass
-    except OSError:
+        while True:
+            body, payload = frames.recv_frame(control.sock, max_body=1 << 16)
+            msg = msgpack.unpackb(bytes(body), raw=False) if not payload else None
+            if isinstance(msg, dict) and msg.get("type") == "end":
+                log.info("oriond ends the session: %s", msg.get("reason"))
+                session.revoke(str(msg.get("reason") or "allocation ended"))
+    except (OSError, frames.FrameError, ValueError):
         pass
     log.info("oriond went away; ending the session")
     os._exit(3)
@@ -627,10 +650,10 @@ def run(control_fd: int) -> int:
         _cap_process_memory(spec)
         session.welcome()
         threading.Thread(target=_stats_loop, args=(session, control, stop), daemon=True).start()
-        threading.Thread(target=_watch_manager, args=(control,), daemon=True).start()
+        threading.Thread(target=_watch_manager, args=(control, session), daemon=True).start()
         reason = session.serve()
     except (frames.PeerClosed, ConnectionResetError, BrokenPipeError):
-        reason = "client disconnected"
+        reason = session.closed("client disconnected")
     except Exception as exc:  # the worker must always report why the session ended
         reason = f"worker error: {type(exc).__name__}: {exc}"
         log.exception("session %s failed", spec.get("session_id", "?")[:8])

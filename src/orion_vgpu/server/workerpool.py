@@ -131,6 +131,7 @@ class Worker:
         self.end_reason: str | None = None
         self.exit_desc: str | None = None   # set once reaped
         self.monitor: threading.Thread | None = None
+        self.send_lock = threading.Lock()  # hand-off and end messages may cross
 
     @property
     def pid(self) -> int:
@@ -225,7 +226,8 @@ class WorkerPool:
         for attempt in (1, 2):
             worker = self._take(owner)
             try:
-                _send_with_fd(worker.ctrl, frame, conn.fileno())
+                with worker.send_lock:
+                    _send_with_fd(worker.ctrl, frame, conn.fileno())
                 return worker
             except OSError as exc:
                 # The worker died between being picked and receiving the fd.
@@ -246,6 +248,28 @@ class WorkerPool:
             self._cond.notify_all()
         if exited:
             self._report_exit(worker)
+
+    def end_session(self, owner: Any, reason: str, grace_s: float) -> None:
+        """Ask the worker serving ``owner`` to end its session; kill it after ``grace_s``."""
+        with self._cond:
+            worker = next((w for w in self._all if w.owner is owner), None)
+        if worker is None:
+            return
+        body = msgpack.packb({"type": "end", "reason": reason})
+        try:
+            with worker.send_lock:
+                worker.ctrl.sendall(frames.HEADER.pack(len(body), 0) + body)
+        except OSError:
+            pass  # gone already: its exit is being reported
+        timer = threading.Timer(grace_s, self._kill_if_alive, args=(worker, reason))
+        timer.daemon = True
+        timer.start()
+
+    def _kill_if_alive(self, worker: Worker, reason: str) -> None:
+        if worker.proc.poll() is None:
+            log.warning("worker pid %d did not end its session in time; killing it", worker.pid)
+            worker.end_reason = worker.end_reason or f"ended by the controller: {reason}"
+            worker.signal(kill=True)
 
     def _take(self, owner: Any) -> Worker:
         with self._cond:
