@@ -44,6 +44,7 @@ from orion_vgpu.controller.store import (
     sqlite_url,
 )
 from orion_vgpu.protocol.grant import grant_key, sign_grant
+from orion_vgpu.protocol.messages import REASON_CLIENT_CLOSED
 
 log = logging.getLogger("orion.controller")
 
@@ -480,7 +481,12 @@ class ControllerService:
             if not a.vgpus[body.vgpu_index].session_started:
                 self._start(a, [body.vgpu_index], node)
         else:
-            self._end(a, "released", body.reason or f"session ended on {node.name}")
+            reason = body.reason or f"session ended on {node.name}"
+            # A program closing its session is ending: the same as its own release, which
+            # follows at once; whichever reaches us first, the allocation ends alike.
+            if reason == REASON_CLIENT_CLOSED:
+                reason = "released by client"
+            self._end(a, "released", reason)
         return {"ok": True}
 
     def _node(self, node_id: str) -> NodeInfo:

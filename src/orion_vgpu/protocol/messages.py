@@ -59,5 +59,7 @@ ANSWERED = frozenset({CMD_FETCH, CMD_CALL, CMD_SYNC, CMD_STATS, CMD_RNG_GET, CMD
 
 REPLY_OK = 0
 REPLY_ERROR = 1
+# session_ended reason of a session its client closed (CMD_BYE): the program is ending.
+REASON_CLIENT_CLOSED = "client closed the session"
 # Error kind of a reply that ends the session (its allocation is over); the client stops.
 ERR_SESSION_ENDED = "SessionEnded"

@@ -132,6 +132,7 @@ class Worker:
         self.exit_desc: str | None = None   # set once reaped
         self.monitor: threading.Thread | None = None
         self.send_lock = threading.Lock()  # hand-off and end messages may cross
+        self.end_timer: threading.Timer | None = None  # kills it if told to end and it lingers
 
     @property
     def pid(self) -> int:
@@ -263,6 +264,10 @@ class WorkerPool:
             pass  # gone already: its exit is being reported
         timer = threading.Timer(grace_s, self._kill_if_alive, args=(worker, reason))
         timer.daemon = True
+        with self._cond:
+            if worker.exit_desc is not None:
+                return
+            worker.end_timer = timer
         timer.start()
 
     def _kill_if_alive(self, worker: Worker, reason: str) -> None:
@@ -540,6 +545,8 @@ class WorkerPool:
             worker.proc.wait()
         worker.ctrl.close()
         desc = describe_exit(worker.proc.returncode)
+        if worker.end_timer is not None:
+            worker.end_timer.cancel()  # its thread ends now, not after the grace period
         with self._cond:
             worker.exit_desc = desc
             self._all.discard(worker)
