@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -557,6 +558,29 @@ def _cap_process_memory(spec: dict) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
+# mallopt(3) parameters
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+CACHE_ENV = "ORION_EMULATED_MEMORY_CACHE"
+
+
+def _cache_freed_memory(spec: dict) -> None:
+    """An emulated GPU's memory keeps what its tensors freed, as CUDA's caching allocator
+    does: glibc would otherwise unmap every large block on free and map it afresh on the
+    next allocation, and the kernel zero-fills each new page on first touch (a CNN step
+    took 2.5 times the page faults of the same step run locally, 40 % more time). The ledger
+    still bounds what the session holds; the process keeps its peak until it ends.
+    ORION_EMULATED_MEMORY_CACHE=0 turns it off."""
+    if spec.get("device", "cpu") != "cpu" or os.environ.get(CACHE_ENV, "1") == "0":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)               # large blocks from the heap too, reused
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # never give the heap's top back
+    libc.mallopt(_M_TOP_PAD, 64 << 20)          # grow it in large steps
+
+
 def _setup_log(path: str | None) -> None:
     log.setLevel(logging.INFO)
     if path:
@@ -648,6 +672,7 @@ def run(control_fd: int) -> int:
     stop = threading.Event()
     try:
         _cap_process_memory(spec)
+        _cache_freed_memory(spec)
         session.welcome()
         threading.Thread(target=_stats_loop, args=(session, control, stop), daemon=True).start()
         threading.Thread(target=_watch_manager, args=(control, session), daemon=True).start()
