@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,24 @@ class ServerProc:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+@contextlib.contextmanager
+def two_nodes(root: Path) -> Iterator[tuple[ControllerProc, ServerProc, ServerProc]]:
+    """A controller and two servers (node-a, node-b) of one emulated 16 GiB GPU each, so a
+    program with ORION_CROSS_NODE=1 gets a vGPU on each; all stopped on exit."""
+    ctl = ControllerProc(root / "controller", {"lease_s": 10})
+    ctl.start()
+    a = ServerProc(ctl, root / "a", name="node-a", emulated_gpus="1x16GiB")
+    b = ServerProc(ctl, root / "b", name="node-b", emulated_gpus="1x16GiB")
+    try:
+        a.start()
+        b.start()
+        yield ctl, a, b
+    finally:
+        a.stop()
+        b.stop()
+        ctl.stop()
 
 
 def client_env(controller: ControllerProc, home: Path, **extra: str) -> dict[str, str]:

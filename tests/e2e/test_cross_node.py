@@ -4,18 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from e2e.cluster import ServerProc, client_env, run_local, run_script
-from pool import ControllerProc
+from e2e.cluster import client_env, run_local, run_script, two_nodes
 
 
 def test_cross_node_program(tmp_path: Path) -> None:
-    ctl = ControllerProc(tmp_path / "controller", {"lease_s": 10})
-    ctl.start()
-    a = ServerProc(ctl, tmp_path / "a", name="node-a", emulated_gpus="1x16GiB")
-    b = ServerProc(ctl, tmp_path / "b", name="node-b", emulated_gpus="1x16GiB")
-    try:
-        a.start()
-        b.start()
+    with two_nodes(tmp_path) as (ctl, _a, _b):
         env = client_env(ctl, tmp_path / "c", ORION_VGPU="2", ORION_GMEM="8000",
                          ORION_RATIO="100", ORION_CROSS_NODE="1")
         proc = run_script("data_parallel.py", env)
@@ -30,7 +23,3 @@ def test_cross_node_program(tmp_path: Path) -> None:
         bad = run_script("mlp.py", client_env(ctl, tmp_path / "d", ORION_VGPU="2",
                                               ORION_CROSS_NODE="1", ORION_RATIO="50"))
         assert bad.returncode != 0 and "ORION_RATIO=100" in bad.stderr, bad.stderr
-    finally:
-        a.stop()
-        b.stop()
-        ctl.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.cluster import ServerProc, client_env, run_local, run_script
+from e2e.cluster import ServerProc, client_env, run_local, run_script, two_nodes
 from pool import ControllerProc
 
 BIG = 48 << 20  # the script's large tensor, bytes
@@ -63,13 +63,7 @@ def test_copies_on_one_node_go_between_workers(pool, tmp_path: Path) -> None:
 
 
 def test_copies_across_nodes_go_between_servers_over_tcp(tmp_path: Path) -> None:
-    ctl = ControllerProc(tmp_path / "controller", {"lease_s": 10})
-    ctl.start()
-    a = ServerProc(ctl, tmp_path / "a", name="node-a", emulated_gpus="1x16GiB")
-    b = ServerProc(ctl, tmp_path / "b", name="node-b", emulated_gpus="1x16GiB")
-    try:
-        a.start()
-        b.start()
+    with two_nodes(tmp_path) as (ctl, a, b):
         env = client_env(ctl, tmp_path / "c", ORION_VGPU="2", ORION_GMEM="2000",
                          ORION_RATIO="100", ORION_CROSS_NODE="1")
         remote = _result(run_script("peer_copy.py", env))
@@ -84,10 +78,6 @@ def test_copies_across_nodes_go_between_servers_over_tcp(tmp_path: Path) -> None
         allocs = ctl.get("/allocations", params={"state": "all"}).json()
         allocs = allocs if isinstance(allocs, list) else allocs["allocations"]
         assert {v["node_name"] for v in allocs[-1]["vgpus"]} == {"node-a", "node-b"}
-    finally:
-        a.stop()
-        b.stop()
-        ctl.stop()
 
 
 def test_bad_copies_fail_clearly_and_unreceived_ones_are_dropped(

@@ -69,7 +69,8 @@ class Controller(ControllerProc):
         return dict(r.json())
 
     def all_allocations(self) -> list[dict[str, Any]]:
-        r = self.get("/allocations", params={"state": "all"})
+        # The API's most (its default is 1000: the full sequential soak makes 1001).
+        r = self.get("/allocations", params={"state": "all", "limit": 10000})
         r.raise_for_status()
         data = r.json()
         return list(data if isinstance(data, list) else data.get("allocations", []))

@@ -113,6 +113,15 @@ def _op(opts: Any) -> str:
     return name
 
 
+def _pairwise(one: Callable[..., OrionWork], outputs: list, inputs: list,
+              opts: Any) -> OrionWork:
+    """A coalesced collective: the single-tensor one for each (output, input) pair, in
+    order on the session stream (one work covers them all)."""
+    for o, i in zip(outputs, inputs, strict=True):
+        one(o, i, opts)
+    return OrionWork(list(outputs))
+
+
 class OrionProcessGroup(dist.ProcessGroup):
     """A process group whose collectives run between the servers holding the tensors."""
 
@@ -266,9 +275,7 @@ class OrionProcessGroup(dist.ProcessGroup):
 
     def allgather_into_tensor_coalesced(self, outputs: list, inputs: list,
                                         opts: Any = None) -> OrionWork:
-        for o, i in zip(outputs, inputs, strict=True):
-            self._allgather_base(o, i, opts)
-        return OrionWork(list(outputs))
+        return _pairwise(self._allgather_base, outputs, inputs, opts)
 
     all_gather_single_coalesced = allgather_into_tensor_coalesced
 
@@ -294,9 +301,7 @@ class OrionProcessGroup(dist.ProcessGroup):
 
     def reduce_scatter_tensor_coalesced(self, outputs: list, inputs: list,
                                         opts: Any = None) -> OrionWork:
-        for o, i in zip(outputs, inputs, strict=True):
-            self._reduce_scatter_base(o, i, opts)
-        return OrionWork(list(outputs))
+        return _pairwise(self._reduce_scatter_base, outputs, inputs, opts)
 
     reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced
 

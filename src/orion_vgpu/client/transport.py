@@ -317,12 +317,7 @@ class Connection:
 
     def _peer_alive(self) -> bool:
         """False once the server closed the connection (a worker that died mid-stream)."""
-        try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
+        return frames.still_connected(self.sock)
 
     def fetch(self, handle: int) -> torch.Tensor:
         with self.lock:

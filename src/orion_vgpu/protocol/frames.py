@@ -81,3 +81,13 @@ def discard(sock: socket.socket, n: int) -> None:
         k = min(n, chunk.nbytes)
         recv_exact_into(sock, chunk[:k])
         n -= k
+
+
+def still_connected(sock: socket.socket) -> bool:
+    """False once the peer closed the connection (or it broke); never blocks or reads."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -670,10 +670,15 @@ class Executor:
         """Store the outputs of a CMD_CALL op (their sizes depend on the data), within quota."""
         if not isinstance(outs, list):
             raise SessionError("ProtocolError", "out handles must be an array")
+        self.store_within_quota(zip(outs, tensors, strict=False))
+
+    def store_within_quota(self, pairs: Iterable[tuple[int, torch.Tensor]]) -> None:
+        """Store (handle, tensor) pairs all or none: none if they take the session past
+        its quota (OutOfMemoryError) or one cannot be stored."""
         before = self.ledger.used
         stored: list[int] = []
         try:
-            for h, t in zip(outs, tensors, strict=False):
+            for h, t in pairs:
                 self.store(h, t)
                 stored.append(h)
         except SessionError:

@@ -22,7 +22,7 @@ import logging
 import operator
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,24 +286,16 @@ class FxGraph:
 
     def _store(self, ex: Executor, results: list, outs: list) -> None:
         """Outputs into the session table with the layout the client was promised."""
-        before = ex.ledger.used
-        stored: list[int] = []
-        try:
-            for h, r, meta in zip(outs, results, self.out_meta, strict=True):
-                if h <= 0 or not isinstance(r, torch.Tensor):
-                    continue
-                if meta is not None and (tuple(r.shape) != meta[0] or tuple(r.stride()) != meta[1]):
-                    fixed = torch.empty_strided(meta[0], meta[1], dtype=meta[2], device=r.device)
-                    r = fixed.copy_(r)
-                ex.store(h, r)
-                stored.append(h)
-        except SessionError:
-            ex.free(stored)
-            raise
-        if ex.ledger.over():
-            grew = ex.ledger.used - before
-            ex.free(stored)
-            raise SessionError("OutOfMemoryError", oom_message(grew, ex.ledger))
+        ex.store_within_quota(self._promised(results, outs))
+
+    def _promised(self, results: list, outs: list) -> Iterator[tuple[int, torch.Tensor]]:
+        for h, r, meta in zip(outs, results, self.out_meta, strict=True):
+            if h <= 0 or not isinstance(r, torch.Tensor):
+                continue
+            if meta is not None and (tuple(r.shape) != meta[0] or tuple(r.stride()) != meta[1]):
+                fixed = torch.empty_strided(meta[0], meta[1], dtype=meta[2], device=r.device)
+                r = fixed.copy_(r)
+            yield h, r
 
     # inductor ---------------------------------------------------------------------------
     def compile_inductor(self) -> None:

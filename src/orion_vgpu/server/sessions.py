@@ -20,11 +20,11 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
-import torch
 
 from orion_vgpu.protocol.frames import HEADER
 from orion_vgpu.protocol.grant import grant_key
@@ -86,7 +86,7 @@ class SessionManager:
         self._on_event = on_event
         self._hello_timeout_s = hello_timeout_s
         self._stop_grace_s = stop_grace_s
-        self._server_torch = torch.__version__
+        self._server_torch = _torch_version()
         self._lock = threading.Lock()
         self._node_id: str | None = None
         self._sessions: dict[str, Session] = {}
@@ -376,6 +376,16 @@ class SessionManager:
             self._on_event(event)
         except Exception:
             log.exception("session event handler failed for %s", kind)
+
+
+def _torch_version() -> str:
+    """The torch the workers run, without importing it into oriond (150 MiB it never uses)."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:  # a source build without package metadata
+        import torch
+
+        return str(torch.__version__)
 
 
 # -- sockets ---------------------------------------------------------------------------

@@ -378,12 +378,7 @@ class Session:
             raise SessionError("ProtocolError", str(exc)) from None
 
     def _client_alive(self) -> bool:
-        try:
-            return self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
+        return frames.still_connected(self.conn)
 
     def _check_quota_or_drain(self, nbytes: int, shm_pos: int | None,
                               chunk: int | None = None) -> None:

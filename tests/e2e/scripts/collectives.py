@@ -1,23 +1,10 @@
 # torch.distributed collectives with backend "nccl" on vGPUs: each rank prints what it got.
-import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
-
-
-def emit_result(res: dict) -> None:
-    """One RESULT line; under torchrun into this rank's file (long lines of two ranks on one
-    pipe interleave)."""
-    line = "RESULT " + json.dumps(res) + "\n"
-    out_dir = os.environ.get("TEST_RESULT_DIR")
-    if out_dir:
-        with open(os.path.join(out_dir, f"rank{os.environ.get('RANK', '0')}.txt"), "w") as f:
-            f.write(line)
-    else:
-        print(line, end="", flush=True)
-
+from rank_result import emit_result
 
 local_rank = int(os.environ["LOCAL_RANK"])
 dist.init_process_group("nccl", device_id=torch.device(f"cuda:{local_rank}"))

@@ -42,29 +42,18 @@ with torch.no_grad():
 print("RESULT eval", " ".join(f"{v:.6f}" for v in out.flatten().tolist()))
 
 if mode == "compile" and device == "cuda":
-    # Count what one compiled inference call sends: wrap the frame sender of the transport.
-    import msgpack
+    # Count what one compiled inference call sends.
+    from sent_commands import sent_commands
 
-    from orion_vgpu.protocol import frames
     from orion_vgpu.protocol import messages as m
-
-    sent: list[list[int]] = []
-    original = frames.send_frame
-
-    def counting_send(sock, body, payload=()):  # noqa: ANN001, ANN202
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        unpacker.feed(bytes(body))
-        sent.append([cmd[0] for cmd in unpacker])
-        return original(sock, body, payload)
 
     calls = 20
     with torch.no_grad():
         torch.cuda.synchronize()
-        frames.send_frame = counting_send
-        for _ in range(calls):
-            out = run(xe)
-            torch.cuda.synchronize()
-        frames.send_frame = original
+        with sent_commands() as sent:
+            for _ in range(calls):
+                out = run(xe)
+                torch.cuda.synchronize()
     kinds = [k for frame in sent for k in frame if k not in (m.CMD_FREE, m.CMD_SYNC)]
     print("RESULT per-call frames", len(sent) / calls, "graph-runs",
           kinds.count(m.CMD_GRAPH_RUN) / calls, "other-commands",

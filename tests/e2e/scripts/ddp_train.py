@@ -8,20 +8,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from rank_result import emit_result
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-
-def emit_result(res: dict) -> None:
-    """One RESULT line; under torchrun into this rank's file (long lines of two ranks on one
-    pipe interleave)."""
-    line = "RESULT " + json.dumps(res) + "\n"
-    out_dir = os.environ.get("TEST_RESULT_DIR")
-    if out_dir:
-        with open(os.path.join(out_dir, f"rank{os.environ.get('RANK', '0')}.txt"), "w") as f:
-            f.write(line)
-    else:
-        print(line, end="", flush=True)
-
 
 STEPS, MICRO, B = 4, 2, 8
 

@@ -35,30 +35,17 @@ for x, y in data:
 print("RESULT losses", " ".join(f"{v:.6f}" for v in losses))
 
 if mode == "graph" and device == "cuda":
-    import msgpack
+    from sent_commands import sent_commands
 
-    from orion_vgpu.protocol import frames
     from orion_vgpu.protocol import messages as m
-
-    sent: list[list[int]] = []
-    original = frames.send_frame
-
-    def counting_send(sock, body, payload=()):  # noqa: ANN001, ANN202
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        unpacker.feed(bytes(body))
-        sent.append([cmd[0] for cmd in unpacker])
-        return original(sock, body, payload)
 
     x = data[0][0].to(device)
     model(x).sum().backward()  # the ops around the graphs are known to the client now
     opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    frames.send_frame = counting_send
-    out = model(x)
-    fwd = list(sent)
-    sent.clear()
-    out.sum().backward()
-    bwd = list(sent)
-    frames.send_frame = original
+    with sent_commands() as fwd:
+        out = model(x)
+    with sent_commands() as bwd:
+        out.sum().backward()
     print("RESULT forward frames", len(fwd), "replays", sum(f.count(m.CMD_GRAPH_RUN) for f in fwd),
           "backward frames", len(bwd), "replays", sum(f.count(m.CMD_GRAPH_RUN) for f in bwd))
