@@ -104,10 +104,10 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}, load average {load:.1f}; remote = vGPU on an emulated "
           f"GPU (CPU); medians of {a.repeat} alternating processes x 5 rounds of {a.steps} steps")
-    print(f"{'workload':52} {'local':>9} {'remote':>9} {'ratio':>6}  target")
+    print(f"{'MLP 4x64 step (remote / local)':56} {'local':>9} {'remote':>9} {'ratio':>6}  target")
     for r in rows:
         met = "" if r["met"] is None else (" met" if r["met"] else " NOT met")
-        print(f"{r['name']:52} {r['local']:9.2f} {r['remote']:9.2f} {r['ratio']:6.2f}  "
+        print(f"{r['name']:56} {r['local']:9.2f} {r['remote']:9.2f} {r['ratio']:6.2f}  "
               f"{r['target']}{met}")
     if a.json:
         import localpool
@@ -141,23 +141,22 @@ def table(res: dict[tuple[str, str], list[dict]]) -> list[dict]:
     def med(side: str, kind: str, field: str = "ms_per_step") -> float:
         return statistics.median(r[field] for r in res[(side, kind)])
 
-    spec = [("MLP step, eager (ms)", "eager", ""),
-            ("MLP step, make_graphed_callables (ms)", "graphed", "<= 1.0x"),
-            ("MLP step, torch.compile model (ms)", "compile", "<= 1.0x"),
-            ("MLP step, torch.compile model+optimizer (ms)", "compile_all", "<= 1.0x")]
+    spec = [("eager", "eager", ""), ("make_graphed_callables", "graphed", "<= 1.0x"),
+            ("compiled model", "compile", "<= 1.0x"),
+            ("compiled model+optimizer", "compile_all", "<= 1.0x")]
     rows = []
     for omp in ("default", "passive"):
         for name, kind, target in spec:
-            rows.append(_row(f"{name} vs local eager, {omp} OpenMP", med(f"local-{omp}", "eager"),
-                             med("remote", kind), target))
-    rows.append(_row("torch.compile model vs local torch.compile (ms)",
+            rows.append(_row(f"{name} / local eager, {omp} OMP (ms)",
+                             med(f"local-{omp}", "eager"), med("remote", kind), target))
+    rows.append(_row("compiled model / same locally (ms)",
                      med("local-default", "compile"), med("remote", "compile"), ""))
-    rows.append(_row("compile model+optimizer vs same locally (ms)",
+    rows.append(_row("compiled model+optimizer / same locally (ms)",
                      med("local-default", "compile_all"), med("remote", "compile_all"), ""))
-    rows.append(_row("first step incl. compile, model (s)",
+    rows.append(_row("first step with compile, model (s)",
                      med("local-default", "compile", "setup_s"),
                      med("remote", "compile", "setup_s"), ""))
-    rows.append(_row("first step incl. compile, model+optimizer (s)",
+    rows.append(_row("first step with compile, model+optimizer (s)",
                      med("local-default", "compile_all", "setup_s"),
                      med("remote", "compile_all", "setup_s"), ""))
     return rows

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,7 +77,9 @@ def phase(env: dict[str, str], n: int, seconds: float, batch: int) -> dict:
                 p.wait()
             err.close()
     _check_exits(d, procs)
-    return summarize(d, n, busy0, busy1)
+    result = summarize(d, n, busy0, busy1)
+    shutil.rmtree(d, ignore_errors=True)  # kept when a program failed: its stderr is there
+    return result
 
 
 def _wait_ready(d: Path, procs: list, timeout: float) -> None:
