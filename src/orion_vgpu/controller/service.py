@@ -407,23 +407,19 @@ class ControllerService:
         end = []
         for s in sessions:
             a = self.live.get(s.allocation_id)
-            if a is not None and 0 <= s.vgpu_index < len(a.vgpus) \
-                    and a.vgpus[s.vgpu_index].node_id == node.id:
+            if a is not None and _holds(a, s.vgpu_index, node):
                 continue
-            end.append({"allocation_id": s.allocation_id, "vgpu_index": s.vgpu_index,
-                        "reason": self._not_live_reason(s.allocation_id, s.vgpu_index, a)})
-        for e in end:
+            if a is not None:
+                reason = f"vGPU {s.vgpu_index} of allocation {a.id} is not on this node"
+            else:
+                ended = self.store.load_allocations(alloc_id=s.allocation_id)
+                reason = (_ended_desc(ended[0]) if ended
+                          else f"allocation {s.allocation_id} is unknown to the controller")
             log.warning("allocation %s vGPU %d: %s still runs a session; told to end it (%s)",
-                        e["allocation_id"], e["vgpu_index"], node.name, e["reason"])
+                        s.allocation_id, s.vgpu_index, node.name, reason)
+            end.append({"allocation_id": s.allocation_id, "vgpu_index": s.vgpu_index,
+                        "reason": reason})
         return end
-
-    def _not_live_reason(self, alloc_id: str, vgpu: int, a: StoredAllocation | None) -> str:
-        if a is not None:
-            return f"vGPU {vgpu} of allocation {alloc_id} is not on this node"
-        ended = self.store.load_allocations(alloc_id=alloc_id)
-        if not ended:
-            return f"allocation {alloc_id} is unknown to the controller"
-        return f"allocation {alloc_id} is {ended[0].state}: {ended[0].end_reason}"
 
     def _reconcile(self, node: NodeInfo, sessions: list[schemas.SessionIn], now: float) -> None:
         """The server's session list is the truth: it proves sessions started, and a
@@ -432,7 +428,7 @@ class ControllerService:
         for s in sessions:
             a = self.live.get(s.allocation_id)
             # Only vGPUs this node really holds: a node must not report for another's.
-            if a is not None and 0 <= s.vgpu_index < len(a.vgpus) and a.vgpus[s.vgpu_index].node_id == node.id:
+            if a is not None and _holds(a, s.vgpu_index, node):
                 self.vgpu_live[(s.allocation_id, s.vgpu_index)] = (s.mem_used_bytes, s.busy_pct)
         timeout = self.settings.heartbeat_timeout_s
         for alloc_id in list(self.by_node.get(node.id, ())):
@@ -465,12 +461,8 @@ class ControllerService:
                 raise ApiError(404, "not_found", f"no allocation {body.allocation_id!r}")
             if body.type == "session_ended":
                 return {"ok": True}  # already over; nothing to do
-            raise ApiError(
-                409,
-                "allocation_ended",
-                f"allocation {body.allocation_id} is {ended[0].state}: {ended[0].end_reason}",
-            )
-        if not 0 <= body.vgpu_index < len(a.vgpus) or a.vgpus[body.vgpu_index].node_id != node.id:
+            raise ApiError(409, "allocation_ended", _ended_desc(ended[0]))
+        if not _holds(a, body.vgpu_index, node):
             raise ApiError(
                 400,
                 "bad_request",
@@ -599,6 +591,15 @@ class ControllerService:
             node = self.nodes.get(v.node_id)
             per_node.setdefault(node.name if node else v.node_id, []).append(f"gpu {v.gpu_index}")
         return ", ".join(f"{n} ({', '.join(g)})" for n, g in per_node.items())
+
+
+def _holds(a: StoredAllocation, vgpu_index: int, node: NodeInfo) -> bool:
+    """Whether vGPU ``vgpu_index`` of ``a`` is placed on ``node``."""
+    return 0 <= vgpu_index < len(a.vgpus) and a.vgpus[vgpu_index].node_id == node.id
+
+
+def _ended_desc(a: StoredAllocation) -> str:
+    return f"allocation {a.id} is {a.state}: {a.end_reason}"
 
 
 def _who(a: StoredAllocation) -> str:

@@ -418,6 +418,17 @@ class MemoryLedger:
         return sum(e[0].nbytes() for e in self._storages.values())
 
 
+def out_of_memory(exc: BaseException, ledger: MemoryLedger) -> SessionError | None:
+    """The client's OutOfMemoryError for a kernel that ran out of memory (torch's own, or the
+    host allocator failing against the worker's RLIMIT_DATA); None for any other error."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return SessionError("OutOfMemoryError", str(exc))
+    if isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc)
+                                          or "not enough memory" in str(exc)):
+        return SessionError("OutOfMemoryError", oom_message(0, ledger))
+    return None
+
+
 def oom_message(requested: int, ledger: MemoryLedger) -> str:
     mib = 1 << 20
     return (f"CUDA out of memory. Tried to allocate {requested / mib:.2f} MiB. vGPU has a total "
@@ -557,11 +568,9 @@ class Executor:
         except Exception as exc:
             if snapshot is not None:  # an out= op may resize its output, then fail
                 self._rollback(snapshot)
-            if isinstance(exc, torch.OutOfMemoryError):
-                raise SessionError("OutOfMemoryError", str(exc)) from None
-            if isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc)
-                                                  or "not enough memory" in str(exc)):
-                raise SessionError("OutOfMemoryError", oom_message(0, self.ledger)) from None
+            oom = out_of_memory(exc, self.ledger)
+            if oom is not None:
+                raise oom from None
             raise
         finally:
             spent = time.perf_counter() - t0

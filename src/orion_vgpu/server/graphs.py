@@ -40,6 +40,7 @@ from orion_vgpu.server.executor import (
     _Args,
     describe_op,
     oom_message,
+    out_of_memory,
     resolve_op,
 )
 
@@ -230,13 +231,10 @@ class FxGraph:
         t0 = time.perf_counter()
         try:
             results = self._execute(ex, inputs)
-        except SessionError:
-            raise
-        except torch.OutOfMemoryError as exc:
-            raise SessionError("OutOfMemoryError", str(exc)) from None
-        except RuntimeError as exc:
-            if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
-                raise SessionError("OutOfMemoryError", oom_message(0, ex.ledger)) from None
+        except Exception as exc:
+            oom = out_of_memory(exc, ex.ledger)
+            if oom is not None:
+                raise oom from None
             raise
         finally:
             spent = time.perf_counter() - t0

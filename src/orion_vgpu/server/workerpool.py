@@ -308,9 +308,8 @@ class WorkerPool:
         if not live:
             return None
         # Prefer workers known to have torch imported, then not the one the next fork
-        # copies (the oldest that can fork: see _claim_template), then the oldest.
-        free = [w for w in forkers if not w.forking]
-        template = min(free, key=lambda w: w.started_at) if self._fork and free else None
+        # copies, then the oldest.
+        template = _template(forkers) if self._fork else None
         worker = min(live, key=lambda w: (not w.ready, w is template, w.started_at))
         self._idle.remove(worker)
         if time.monotonic() - worker.started_at > _FAST_DEATH_S:
@@ -415,9 +414,8 @@ class WorkerPool:
         with self._cond:
             while self._fork and not self._stopping:
                 forkers = [w for w in self._idle if w.can_fork and w.proc.poll() is None]
-                free = [w for w in forkers if not w.forking]
-                if free:
-                    template = min(free, key=lambda w: w.started_at)
+                template = _template(forkers)
+                if template is not None:
                     template.forking = True
                     return template
                 if not forkers:
@@ -647,6 +645,12 @@ def _zombie_children() -> list[tuple[int, int]]:
         if fields[0] == "Z" and int(fields[1]) == me:
             found.append((int(entry), int(fields[3])))
     return found
+
+
+def _template(forkers: list[Worker]) -> Worker | None:
+    """The worker the next fork copies: the oldest that can fork and is not forking."""
+    free = [w for w in forkers if not w.forking]
+    return min(free, key=lambda w: w.started_at) if free else None
 
 
 def _send_with_fd(ctrl: socket.socket, frame: bytes, fd: int) -> None:
