@@ -495,11 +495,14 @@ class PeerEndpoint:
                     time.sleep(0.1)  # out of fds: do not spin
                     continue
                 if not self._slots.acquire(blocking=False):
+                    log.warning("session %s peer copy refused: %d connections already being "
+                                "served", self.tag, MAX_CONNECTIONS)
                     conn.close()  # a flood, not a client's copies
                     continue
                 try:
                     self._spawn(self._serve_conn, conn, tcp)
-                except RuntimeError:
+                except RuntimeError as exc:  # no thread: out of memory or of threads
+                    log.warning("session %s peer copy refused: %s", self.tag, exc)
                     self._slots.release()
                     conn.close()
         finally:
@@ -817,7 +820,12 @@ class _Pull:
         not_peer = self._error(" is not an Orion peer endpoint")
         try:
             banner, payload = _recv_msg(self.sock)
-        except (frames.FrameError, ValueError, msgpack.UnpackException, TimeoutError):
+        except frames.PeerClosed:
+            raise self._error(" closed the connection before greeting (see the source "
+                              "server's log)") from None
+        except TimeoutError:
+            raise self._error(f" did not greet within {HANDSHAKE_S:.0f} s") from None
+        except (frames.FrameError, ValueError, msgpack.UnpackException):
             raise not_peer from None
         nonce_s = banner.get("nonce")
         if banner.get("kind") != KIND or banner.get("v") != VERSION or payload \

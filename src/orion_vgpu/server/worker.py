@@ -554,7 +554,7 @@ def _cap_process_memory(spec: dict) -> None:
 
 
 # mallopt(3) parameters
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 CACHE_ENV = "ORION_EMULATED_MEMORY_CACHE"
 
 
@@ -564,6 +564,8 @@ def _cache_freed_memory(spec: dict) -> None:
     next allocation, and the kernel zero-fills each new page on first touch (a CNN step
     took 2.5 times the page faults of the same step run locally, 40 % more time). The ledger
     still bounds what the session holds; the process keeps its peak until it ends.
+    One arena: each extra arena glibc gives a thread would take the top pad too (64 MiB of
+    the process's RLIMIT_DATA per thread; peer-copy threads then failed to start).
     ORION_EMULATED_MEMORY_CACHE=0 turns it off."""
     if spec.get("device", "cpu") != "cpu" or os.environ.get(CACHE_ENV, "1") == "0":
         return
@@ -574,6 +576,7 @@ def _cache_freed_memory(spec: dict) -> None:
     libc.mallopt(_M_MMAP_MAX, 0)               # large blocks from the heap too, reused
     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # never give the heap's top back
     libc.mallopt(_M_TOP_PAD, 64 << 20)          # grow it in large steps
+    libc.mallopt(_M_ARENA_MAX, 1)
 
 
 def _setup_log(path: str | None) -> None:
@@ -658,6 +661,7 @@ def _fork_sibling(fds: list[int], adopter: object) -> socket.socket | None:
 
 def run(control_fd: int) -> int:
     control, spec, conn = _wait_for_session(Control(socket.socket(fileno=control_fd)))
+    _cache_freed_memory(spec)  # before any thread has an arena of its own
     # Start the thread pools only now: an idle worker must have no threads to fork safely.
     torch.set_num_threads(torch.get_num_threads())
     _setup_log(spec.get("log_file"))
@@ -667,7 +671,6 @@ def run(control_fd: int) -> int:
     stop = threading.Event()
     try:
         _cap_process_memory(spec)
-        _cache_freed_memory(spec)
         session.welcome()
         threading.Thread(target=_stats_loop, args=(session, control, stop), daemon=True).start()
         threading.Thread(target=_watch_manager, args=(control, session), daemon=True).start()
