@@ -79,3 +79,25 @@ def test_an_op_past_the_quota_leaves_nothing_behind() -> None:
         _run(ex, unpacker, [1, 1, [H(3), H(3)], {}, [30]])
     assert 30 not in ex.tensors
     _exact(ex)
+
+
+@pytest.mark.parametrize(("setting", "small_threads"), [(None, 1), ("0", 2)])
+def test_an_emulated_gpu_runs_small_ops_on_one_thread(
+        monkeypatch: pytest.MonkeyPatch, setting: str | None, small_threads: int) -> None:
+    """Small ops on one thread, large ones on all (ORION_EMULATED_PARALLEL_MIN=0: all)."""
+    if setting is not None:
+        monkeypatch.setenv("ORION_EMULATED_PARALLEL_MIN", setting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ex, unpacker = _session()
+        ex.store(3, torch.ones(1 << 18))
+        _run(ex, unpacker, [1, 1, [H(1), H(1)], {}, [10]])      # 4 elements
+        assert torch.get_num_threads() == small_threads
+        _run(ex, unpacker, [1, 1, [H(3), H(3)], {}, [11]])      # 262,144 elements
+        assert torch.get_num_threads() == 2
+        _run(ex, unpacker, [1, 3, [[H(1), H(1)]], {}, [12]])     # a list of small tensors
+        assert torch.get_num_threads() == small_threads
+        assert torch.equal(ex.tensors[11], torch.full((1 << 18,), 2.0))
+    finally:
+        torch.set_num_threads(before)

@@ -18,6 +18,7 @@ from orion_vgpu.protocol import codec
 from orion_vgpu.protocol import messages as m
 from orion_vgpu.server.executor import Executor, SessionError
 from orion_vgpu.server.graphs import GraphStore
+from orion_vgpu.server.replay import Plan
 
 CPU = torch.device("cpu")
 F32 = torch.float32
@@ -274,3 +275,97 @@ def test_fx_graph_without_meta_kernels_is_guarded_node_by_node() -> None:
         store.run([m.CMD_GRAPH_RUN, 1, [ex.tensors[1]], [2, 3]])
     assert err.value.kind == "OutOfMemoryError"
     assert 2 not in ex.tensors and ex.ledger.used == 16
+
+
+# -- replay plans (server/replay.py) ------------------------------------------------------
+
+_PLAN_OPS = ("aten::mm", "aten::t", "aten::relu", "aten::add_.Tensor", "aten::_foreach_sqrt",
+             "aten::_foreach_add_.Scalar", "aten::view", "aten::sum")
+
+
+def _plan_session(planned: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[Executor, GraphStore]:
+    """Weights 1 [4,4] and 2 [4,4], input 3 [2,4]; a stream of views, out=-able ops,
+    functional and in-place foreach ops, as a captured training step has."""
+    monkeypatch.setenv("ORION_GRAPH_PLAN", "1" if planned else "0")
+    ex = Executor(CPU, 1 << 30)
+    for op_id, name in enumerate(_PLAN_OPS, start=1):
+        ex.define(op_id, name)
+    torch.manual_seed(0)
+    ex.store(1, torch.rand(4, 4))
+    ex.store(2, torch.rand(4, 4))
+    ex.store(3, torch.rand(2, 4))
+    stream = b"".join(msgpack.packb(c, default=codec.encode_default) for c in (
+        [m.CMD_OP, 2, [H(1)], {}, [10]],                  # 10 = w1.t()        (view)
+        [m.CMD_OP, 1, [H(3), H(10)], {}, [11]],           # 11 = x @ 10        (out=)
+        [m.CMD_OP, 3, [H(11)], {}, [12]],                 # 12 = relu(11)
+        [m.CMD_OP, 7, [H(12), [8]], {}, [13]],            # 13 = 12.view(8)    (view)
+        [m.CMD_OP, 8, [H(13)], {}, [14]],                 # 14 = sum(13)
+        [m.CMD_OP, 5, [[H(1), H(2)]], {}, [15, 16]],      # 15, 16 = sqrt(w1), sqrt(w2)
+        [m.CMD_OP, 6, [[H(1), H(2)], 0.5], {}, []],       # w1 += .5, w2 += .5 (in place)
+        [m.CMD_OP, 4, [H(3), H(3)], {}, [0]],             # x += x             (in place)
+    ))
+    store = _store(ex)
+    store.define([m.CMD_GRAPH_DEF, 1, "stream", stream])
+    return ex, store
+
+
+def _replay(store: GraphStore) -> None:
+    store.run([m.CMD_GRAPH_RUN, 1, [], []])
+
+
+def test_planned_replays_match_command_by_command_replays(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    results = []
+    for planned in (True, False):
+        ex, store = _plan_session(planned, monkeypatch)
+        for _ in range(4):
+            _replay(store)
+        assert isinstance(store.graphs[1].plan, Plan) is planned
+        results.append({h: t.clone() for h, t in ex.tensors.items()})
+        assert ex.ledger.used == ex.ledger.recount()
+    assert results[0].keys() == results[1].keys()
+    for h in results[0]:
+        assert torch.equal(results[0][h], results[1][h]), h
+
+
+def test_a_replay_writes_into_the_tensors_of_the_last_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ex, store = _plan_session(True, monkeypatch)
+    _replay(store)
+    static, used = ex.tensors[11], ex.ledger.used
+    view = static[0]  # made outside the graph, as a program may: it sees each replay
+    _replay(store)
+    assert ex.tensors[11] is static and ex.ledger.used == used
+    assert torch.equal(view, ex.tensors[11][0])
+
+
+def test_a_replay_follows_tensors_changed_between_replays(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ex, store = _plan_session(True, monkeypatch)
+    _replay(store)
+    _replay(store)
+    ex.tensors[1].set_(torch.full((4, 4), 3.0))  # the weight moved to other memory in place
+    ex.ledger.refresh(ex.tensors[1])
+    ex.store(3, torch.full((2, 4), 2.0))    # the input rebound to another tensor
+    ex.free([11])                           # an output freed: stored again
+    x, w1 = ex.tensors[3].clone(), ex.tensors[1].clone()
+    _replay(store)
+    expect = torch.relu(x @ w1.t())
+    assert torch.equal(ex.tensors[11], x @ w1.t())
+    assert torch.equal(ex.tensors[13], expect.view(8))
+    assert torch.equal(ex.tensors[14], expect.sum())
+    assert ex.ledger.used == ex.ledger.recount()
+
+
+def test_a_failing_step_is_reported_and_the_replay_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ex, store = _plan_session(True, monkeypatch)
+    errors: list[SessionError] = []
+    store.fail = errors.append
+    _replay(store)
+    ex.free([2])  # the second weight: the foreach steps name it
+    before = ex.tensors[3].clone()
+    _replay(store)
+    assert [e.kind for e in errors] == ["RuntimeError", "RuntimeError"]
+    assert "tensor handle 2 is not held" in str(errors[0])
+    assert torch.equal(ex.tensors[3], before * 2)  # the last step still ran

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -46,6 +47,16 @@ MAX_NUMEL = 1 << 40
 # keep a client that creates millions of empty tensors or op ids from growing it unbounded.
 MAX_TENSORS = 1 << 20
 MAX_OP_IDS = 1 << 16
+# An emulated GPU runs an op on all cores only when its largest tensor argument has this
+# many elements (matrix products and convolutions: MATMUL_PARALLEL_MIN); a smaller op runs
+# on one thread. Waking the pool's passive threads costs ~10 us a parallel region, more
+# than such an op takes on one core (sqrt of 4,096 floats: 1.7 us on one thread, 17.8 us
+# on two), and on a shared host the region also waits for a core another process holds.
+# ORION_EMULATED_PARALLEL_MIN overrides the first; 0 keeps every op on all threads.
+PARALLEL_MIN = 1 << 17
+PARALLEL_ENV = "ORION_EMULATED_PARALLEL_MIN"
+MATMUL_PARALLEL_MIN = 1 << 14
+_MATMUL_WORDS = ("mm", "conv", "linear", "matmul", "attention")
 # Tensors the table may hold: what the codec can describe, strided, on the session's
 # device or the host. Sparse, nested, mkldnn and quantized tensors carry indices or packed
 # data the kernels trust, so they never become inputs of a later op.
@@ -304,6 +315,7 @@ class OpInfo:
     grows: bool                                # may reallocate a written tensor's storage
     sizer: Callable[[_Args], int | None] | None
     unsafe_flag: bool
+    parallel_min: int = PARALLEL_MIN           # elements for a run on all threads (emulated)
     # Derived once here so that running the op looks nothing up (see Executor.run):
     guarded: bool = field(init=False)          # something to check before it runs
     written_at: tuple[tuple[int, str], ...] = field(init=False)  # (position, name) written
@@ -329,7 +341,9 @@ def describe_op(op: Any) -> OpInfo:
         written=written,
         grows=name in _STORAGE_WRITERS or any(a.is_out for a in args),
         sizer=_SIZERS.get(name),
-        unsafe_flag=name in UNSAFE_FLAG_OPS)
+        unsafe_flag=name in UNSAFE_FLAG_OPS,
+        parallel_min=MATMUL_PARALLEL_MIN if any(w in name for w in _MATMUL_WORDS)
+        else PARALLEL_MIN)
 
 
 # -- the ledger ----------------------------------------------------------------------------
@@ -460,6 +474,10 @@ class Executor:
         # its arguments for them (the decoder sees every handle as the command arrives).
         self.missing = 0
         self._cpu = device.type == "cpu"
+        # Threads an op may use (see PARALLEL_MIN), and how many it has now.
+        self.threads = torch.get_num_threads() if self._cpu else 1
+        self._threads_now = self.threads
+        self._parallel_scale = _parallel_scale()
 
     # handles -----------------------------------------------------------------
     def resolve(self, handle: int) -> Any:
@@ -559,6 +577,8 @@ class Executor:
         if info.guarded:
             self._guard(info, _Args(info.names, args, kwargs))
         snapshot = self._snapshot(info, args, kwargs) if info.grows else None
+        if self.threads > 1:
+            self.use_threads(self.threads_for(info, args))
         throttle = self.throttle
         if throttle is not None:
             throttle.before_op()
@@ -580,6 +600,26 @@ class Executor:
                 throttle.after_op(spent)
         self._bind_outputs(info, args, kwargs, result, outs, snapshot)
         return result
+
+    def threads_for(self, info: OpInfo, args: list) -> int:
+        """All threads for a large op, one for a small one (see PARALLEL_MIN)."""
+        scale = self._parallel_scale
+        if scale == 0:
+            return self.threads
+        limit = info.parallel_min * scale
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if a.numel() >= limit:
+                    return self.threads
+            elif type(a) is list and any(isinstance(t, torch.Tensor) and t.numel() >= limit
+                                         for t in a):
+                return self.threads
+        return 1
+
+    def use_threads(self, n: int) -> None:
+        if n != self._threads_now:
+            torch.set_num_threads(n)
+            self._threads_now = n
 
     def _guard(self, info: OpInfo, a: _Args) -> None:
         """Refuse what the op must not be asked before it runs."""
@@ -701,6 +741,20 @@ class Executor:
     def check_alloc(self, nbytes: int) -> None:
         if self.ledger.used + nbytes > self.ledger.limit:
             raise SessionError("OutOfMemoryError", oom_message(nbytes, self.ledger))
+
+
+def _parallel_scale() -> float:
+    """ORION_EMULATED_PARALLEL_MIN as a factor of PARALLEL_MIN (0: never narrow)."""
+    raw = os.environ.get(PARALLEL_ENV, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        value = int(raw)
+    except ValueError:
+        log.warning("%s=%r is not a number of elements; using %d", PARALLEL_ENV, raw,
+                    PARALLEL_MIN)
+        return 1.0
+    return max(value, 0) / PARALLEL_MIN
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:

@@ -43,6 +43,7 @@ from orion_vgpu.server.executor import (
     out_of_memory,
     resolve_op,
 )
+from orion_vgpu.server.replay import Plan
 
 log = logging.getLogger("orion.session")
 
@@ -53,6 +54,7 @@ MAX_NESTING = 8            # a stream may run graphs that run graphs ..., this d
 # (uploads), answers (fetch, sync) or changes the session (free, bye).
 STREAM_KINDS = frozenset({m.CMD_OP, m.CMD_COPY, m.CMD_SEED, m.CMD_GRAPH_RUN,
                           getattr(m, "CMD_COLLECTIVE", -1)})
+PLAN_ENV = "ORION_GRAPH_PLAN"  # 0: replay a capture command by command, as it arrived
 GETITEM = "getitem"  # the one non-operator node: an item of a multi-output node
 META = torch.device("meta")
 
@@ -407,6 +409,8 @@ class StreamGraph:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.runs = 0
+        self.plan: Plan | None = None  # made at the first replay (server/replay.py)
+        self.planned = False
 
 
 def _check_stream(data: Any, ex: Executor) -> list:
@@ -485,6 +489,10 @@ def _instantiate(cmds: list, ex: Executor, bound: list[int]) -> list[int]:
     return bound
 
 
+def _raise(exc: SessionError) -> None:
+    raise exc
+
+
 def _span_bytes(t: torch.Tensor) -> int:
     """Bytes ``empty_strided(t.shape, t.stride())`` allocates."""
     if t.numel() == 0:
@@ -508,10 +516,12 @@ class GraphStore:
     """The graphs of one session, keyed by the client's graph ids."""
 
     def __init__(self, ex: Executor, device: torch.device, execute: Callable[[list], None],
-                 unpacker: Callable[[], msgpack.Unpacker], session: str = "") -> None:
+                 unpacker: Callable[[], msgpack.Unpacker], session: str = "",
+                 fail: Callable[[SessionError], None] | None = None) -> None:
         self.ex = ex
         self.device = device
         self.execute = execute      # runs one command of a stream like any other command
+        self.fail = fail or _raise  # what ``execute`` does with a command's error
         self.unpacker = unpacker    # a fresh unpacker resolving the session's handles
         self.session = session
         self.graphs: dict[int, FxGraph | StreamGraph] = {}
@@ -593,6 +603,14 @@ class GraphStore:
             self.depth -= 1
 
     def _run_stream(self, graph: StreamGraph) -> None:
+        if not graph.planned:
+            graph.planned = True
+            if os.environ.get(PLAN_ENV, "1") != "0":
+                graph.plan = Plan.build(graph.data, self.ex, self.device)
+        if graph.plan is not None:
+            graph.plan.run(self.fail)
+            graph.runs += 1
+            return
         unpacker = self.unpacker()
         unpacker.feed(graph.data)
         for cmd in unpacker:  # handles resolve as each command is reached, as in a frame

@@ -106,7 +106,8 @@ class Session:
         # CUDA-graph captures and torch.compile graphs the client defined (server/graphs.py)
         self.graphs = GraphStore(self.ex, self.device, self._execute, lambda: msgpack.Unpacker(
             ext_hook=codec.make_ext_hook(self.ex.resolve, self.device), raw=False,
-            strict_map_key=False, max_buffer_size=frames.MAX_BODY), spec["session_id"][:8])
+            strict_map_key=False, max_buffer_size=frames.MAX_BODY), spec["session_id"][:8],
+            self._fail)
 
     # handshake ---------------------------------------------------------------
     def welcome(self) -> None:

@@ -1,0 +1,352 @@
+"""A captured stream's replay plan: the stream decoded once, each op's operator,
+constants and output handles resolved once, so that a replay only binds handles and calls.
+
+Handles are bound to the session's tensors as each op is reached (an op's output is a
+later op's input). As a CUDA graph replays into the memory its capture allocated, an op
+whose outputs are still the tensors its last run stored writes into them again (its
+``out=`` overload): no allocation, nothing new for the ledger, and views made of them stay
+valid; a view op whose input and output tensors are unchanged is not run again. Anything
+else runs as in eager mode: outputs stored with the same memory ledger and quota, and ops
+that need a check before they run (device arguments, sizes of new tensors, storages that
+may grow) go through ``Executor.run`` with their arguments bound. The compute share is
+charged once per replay, as for one CUDA graph launch. A stream holding anything but ops
+and copies (a collective, a nested graph, a seed) has no plan and runs command by command.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import torch
+
+from orion_vgpu.protocol import codec
+from orion_vgpu.protocol import messages as m
+from orion_vgpu.server.executor import (
+    Executor,
+    OpInfo,
+    SessionError,
+    _flatten,
+    oom_message,
+    out_of_memory,
+)
+
+PLANNED_KINDS = frozenset({m.CMD_OP, m.CMD_COPY})
+
+
+class _Ref:
+    """A handle in a decoded stream, bound to the session's tensor when its op runs."""
+
+    __slots__ = ("h",)
+
+    def __init__(self, h: int) -> None:
+        self.h = h
+
+
+def _missing(h: int) -> SessionError:
+    return SessionError("RuntimeError", f"tensor handle {h} is not held by this session "
+                        "(freed, or never created because of an earlier error)")
+
+
+def _has_ref(v: Any) -> bool:
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if type(x) is _Ref:
+            return True
+        if type(x) is list:
+            stack.extend(x)
+        elif type(x) is dict:
+            stack.extend(x.values())
+    return False
+
+
+def _bind_deep(v: Any, tensors: dict[int, torch.Tensor]) -> Any:
+    if type(v) is _Ref:
+        t = tensors.get(v.h)
+        if t is None:
+            raise _missing(v.h)
+        return t
+    if type(v) is list:
+        return [_bind_deep(x, tensors) for x in v]
+    return v
+
+
+class _Template:
+    """Arguments with handles: the constant parts kept, the handle slots listed."""
+
+    __slots__ = ("args", "refs", "nested", "kwargs", "kw_refs")
+
+    def __init__(self, args: list, kwargs: dict) -> None:
+        self.args = list(args)
+        self.refs = [(i, a.h) for i, a in enumerate(args) if type(a) is _Ref]
+        self.nested = [(i, a) for i, a in enumerate(args) if type(a) is list and _has_ref(a)]
+        self.kwargs = dict(kwargs)
+        self.kw_refs = [(k, v) for k, v in kwargs.items() if _has_ref(v)]
+
+    def bind(self, tensors: dict[int, torch.Tensor]) -> tuple[list, dict]:
+        args = self.args.copy()
+        for i, h in self.refs:
+            t = tensors.get(h)
+            if t is None:
+                raise _missing(h)
+            args[i] = t
+        for i, v in self.nested:
+            args[i] = _bind_deep(v, tensors)
+        if not self.kw_refs:
+            return args, self.kwargs
+        kwargs = self.kwargs.copy()
+        for k, v in self.kw_refs:
+            kwargs[k] = _bind_deep(v, tensors)
+        return args, kwargs
+
+
+class Plan:
+    """The steps of one captured stream (see the module's docstring)."""
+
+    def __init__(self, ex: Executor, steps: list[Any]) -> None:
+        self.ex = ex
+        self.steps = steps
+
+    @classmethod
+    def build(cls, data: bytes, ex: Executor, device: torch.device) -> Plan | None:
+        """The plan of a stream, or None when it holds commands that are not planned."""
+        unpacker = msgpack.Unpacker(ext_hook=codec.make_ext_hook(_Ref, device), raw=False,
+                                    strict_map_key=False, max_buffer_size=max(len(data), 1))
+        unpacker.feed(data)
+        steps: list[Any] = []
+        for cmd in unpacker:
+            if not isinstance(cmd, list) or not cmd or cmd[0] not in PLANNED_KINDS:
+                return None
+            if cmd[0] == m.CMD_COPY:
+                if len(cmd) != 3 or type(cmd[1]) is not _Ref or type(cmd[2]) is not _Ref:
+                    return None
+                steps.append(_CopyStep(cmd[1].h, cmd[2].h))
+                continue
+            if len(cmd) != 5:
+                return None
+            _, op_id, args, kwargs, outs = cmd
+            info = ex.ops.get(op_id) if type(op_id) is int else None
+            if info is None or not isinstance(args, list) or not isinstance(kwargs, dict) \
+                    or not isinstance(outs, list) or any(type(h) is not int for h in outs):
+                return None  # the command path reports it, in order
+            steps.append(_OpStep(info, op_id, _Template(args, kwargs), outs))
+        return cls(ex, steps)
+
+    def run(self, fail: Callable[[SessionError], None]) -> None:
+        """One replay; each failing step is reported through ``fail`` and the next runs,
+        as the command path does (the first failure is what the program sees)."""
+        ex = self.ex
+        throttle, ex.throttle = ex.throttle, None  # one charge for the whole replay
+        if throttle is not None:
+            throttle.before_op()
+        t0 = time.perf_counter()
+        try:
+            for step in self.steps:
+                try:
+                    step.run(ex)
+                except SessionError as exc:
+                    fail(exc)
+                except Exception as exc:  # an op's own error is the client's error
+                    fail(SessionError(type(exc).__name__, str(exc)))
+        finally:
+            ex.throttle = throttle
+            if throttle is not None:
+                throttle.after_op(time.perf_counter() - t0)
+
+
+class _CopyStep:
+    __slots__ = ("dst", "src")
+
+    def __init__(self, dst: int, src: int) -> None:
+        self.dst, self.src = dst, src
+
+    def run(self, ex: Executor) -> None:
+        ex.copy(self.dst, self.src)
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    """What a view of ``t`` depends on: its memory, shape and strides."""
+    return (t.data_ptr(), t.shape, t.stride())
+
+
+class _OpStep:
+    """One op of the plan, and what its last run left (see the module's docstring)."""
+
+    __slots__ = ("info", "op_id", "tmpl", "outs", "checked", "view", "out_call", "out_spec",
+                 "threads", "last_out", "out_kw", "last_in", "layouts")
+
+    def __init__(self, info: OpInfo, op_id: int, tmpl: _Template, outs: list) -> None:
+        self.info, self.op_id, self.tmpl, self.outs = info, op_id, tmpl, outs
+        self.checked = info.guarded or info.grows
+        self.view = not self.checked and _is_view(info)
+        self.out_call: Any = None
+        self.out_spec: list[tuple[str, bool]] = []  # (out argument, takes a list)
+        if not self.checked and not self.view and outs and all(h > 0 for h in outs):
+            self.out_call, self.out_spec = _out_overload(info)
+        self.threads = 0       # shapes do not change between replays, nor an op's threads
+        self.last_out: tuple | None = None  # the tensors its last run stored
+        self.out_kw: dict[str, Any] = {}
+        self.last_in: tuple = ()            # (view ops) the inputs of its last run
+        self.layouts: tuple = ()            # (view ops) their layouts, and the outputs'
+
+    def run(self, ex: Executor) -> None:
+        tensors = ex.tensors
+        last = self.last_out
+        bound = last is not None and _still_bound(tensors, self.outs, last)
+        if bound and self.view and self._unchanged(tensors, last):
+            return
+        args, kwargs = self.tmpl.bind(tensors)
+        if self.checked:
+            ex.run(self.op_id, args, kwargs, self.outs)
+            return
+        if bound and self.out_call is not None and not _aliased(args, last) \
+                and self._into_last(ex, args, kwargs, last):
+            return
+        if ex.threads > 1:
+            ex.use_threads(self._threads(ex, args))
+        _call(ex, self.info, args, kwargs, self.outs)
+        self._remember(tensors, args)
+
+    def _threads(self, ex: Executor, args: list) -> int:
+        if not self.threads:
+            self.threads = ex.threads_for(self.info, args)
+        return self.threads
+
+    def _remember(self, tensors: dict[int, torch.Tensor], args: list) -> None:
+        if not self.outs or (self.out_call is None and not self.view):
+            return
+        last = tuple(tensors[h] for h in self.outs)
+        self.last_out = last
+        if self.view:
+            self.last_in = tuple(a for a in args if isinstance(a, torch.Tensor))
+            self.layouts = tuple(_layout(t) for t in self.last_in + last)
+            return
+        if len(self.out_spec) == 1 and self.out_spec[0][1]:
+            self.out_kw = {self.out_spec[0][0]: list(last)}
+        elif len(self.out_spec) == len(last):
+            self.out_kw = {name: t for (name, _), t in zip(self.out_spec, last, strict=True)}
+        else:
+            self.out_call = None  # outputs and out= arguments do not pair up
+
+    def _unchanged(self, tensors: dict[int, torch.Tensor], last: tuple) -> bool:
+        """A view op's inputs and outputs are the tensors of its last run, as they were."""
+        tmpl = self.tmpl
+        if tmpl.nested or tmpl.kw_refs or len(tmpl.refs) != len(self.last_in):
+            return False
+        for (_, h), t in zip(tmpl.refs, self.last_in, strict=True):
+            if tensors.get(h) is not t:
+                return False
+        return tuple(_layout(t) for t in self.last_in + last) == self.layouts
+
+    def _into_last(self, ex: Executor, args: list, kwargs: dict, last: tuple) -> bool:
+        """Run the op into the tensors its last run stored; False if that cannot be done."""
+        shapes = [t.shape for t in last]
+        if ex.threads > 1:
+            ex.use_threads(self._threads(ex, args))
+        t0 = time.perf_counter()
+        try:
+            self.out_call(*args, **kwargs, **self.out_kw)
+        except Exception:
+            # Not as the overload expects (e.g. a dtype changed): run it the eager way,
+            # which reports the op's own error if there is one.
+            self.out_call = None
+            return False
+        finally:
+            ex.busy_s += time.perf_counter() - t0
+            ex.n_ops += 1
+        if any(t.shape != s for t, s in zip(last, shapes, strict=True)):
+            _recount(ex, last, self.outs)  # out= resized an output: the ledger follows
+        return True
+
+
+def _still_bound(tensors: dict[int, torch.Tensor], outs: list, last: tuple) -> bool:
+    if len(outs) == 1:
+        return tensors.get(outs[0]) is last[0]
+    return all(tensors.get(h) is t for h, t in zip(outs, last, strict=True))
+
+
+def _aliased(args: list, outputs: tuple) -> bool:
+    """An output tensor is also an argument (out= would read what it writes)."""
+    for a in args:
+        if type(a) is list:
+            if any(x is t for x in a for t in outputs):
+                return True
+        elif any(a is t for t in outputs):
+            return True
+    return False
+
+
+def _recount(ex: Executor, outputs: tuple, handles: list) -> None:
+    ledger = ex.ledger
+    for t in outputs:
+        ledger.refresh(t)
+    if ledger.used > ledger.limit:
+        ex.free(handles)
+        raise SessionError("OutOfMemoryError", oom_message(0, ledger))
+
+
+def _is_view(info: OpInfo) -> bool:
+    """Every output aliases an input and nothing is written: a view (t, detach, view...)."""
+    returns = info.op._schema.returns
+    return bool(returns) and not info.written and all(
+        r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+def _out_overload(info: OpInfo) -> tuple[Any, list[tuple[str, bool]]]:
+    """The ``out=`` overload taking the same arguments as ``info``'s op, and its out
+    arguments (name, is a list); (None, []) if there is none."""
+    schema = info.op._schema
+    if any(r.alias_info is not None for r in schema.returns):
+        return None, []
+    packet = getattr(torch.ops.aten, schema.name.partition("::")[2], None) \
+        if schema.name.startswith("aten::") else None
+    if packet is None:
+        return None, []
+    same = [(a.name, str(a.type)) for a in schema.arguments]
+    for name in packet.overloads():
+        overload = getattr(packet, name)
+        args = overload._schema.arguments
+        outs = [a for a in args if a.is_out]
+        if outs and [(a.name, str(a.type)) for a in args if not a.is_out] == same:
+            return overload._op, [(a.name, str(a.type).startswith("List")) for a in outs]
+    return None, []
+
+
+def _call(ex: Executor, info: OpInfo, args: list, kwargs: dict, outs: list) -> None:
+    """``Executor.run`` for an op that neither needs a check first nor grows a storage."""
+    t0 = time.perf_counter()
+    try:
+        result = info.call(*args, **kwargs)
+    except Exception as exc:
+        oom = out_of_memory(exc, ex.ledger)
+        if oom is not None:
+            raise oom from None
+        raise
+    finally:
+        ex.busy_s += time.perf_counter() - t0
+        ex.n_ops += 1
+    if not outs:
+        return
+    ledger = ex.ledger
+    before = ledger.used
+    flat = [result] if isinstance(result, torch.Tensor) else _flatten(result)
+    if len(flat) != len(outs):
+        raise SessionError("RuntimeError", f"operator returned {len(flat)} tensors, client "
+                           f"expected {len(outs)}")
+    stored: list[int] = []
+    try:
+        for h, t in zip(outs, flat, strict=True):
+            if h > 0:  # an int (checked when planned), a tensor (flattened)
+                ex._check_storable(t)
+                ex._hold(h, t)
+                stored.append(h)
+    except SessionError:
+        ex.free(stored)
+        raise
+    if ledger.used > ledger.limit:
+        grew = ledger.used - before
+        ex.free(stored)
+        raise SessionError("OutOfMemoryError", oom_message(grew, ledger))
