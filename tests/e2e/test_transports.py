@@ -50,3 +50,14 @@ def test_orion_shm_arena_for_containers(pool, tmp_path: Path) -> None:
         assert "shm yes" in _client_log(home)
     finally:
         arena.unlink(missing_ok=True)
+
+
+def test_uploads_the_program_dropped_are_freed_before_the_next(pool, tmp_path: Path) -> None:
+    ctl, _ = pool
+    env = client_env(ctl, tmp_path / "c")
+    proc = run_script("upload_loop.py", env)
+    assert proc.returncode == 0, proc.stderr
+    most = int(proc.stdout.split("MOST")[1])
+    # One upload held (plus, for a moment, the one before it): 16 x 4 MiB + 4 x 36 MiB if
+    # dropped tensors waited for the next op.
+    assert most <= 2 * 36, proc.stdout

@@ -56,7 +56,7 @@ with_threads = data_kib()
 release.set()
 for t in threads:
     t.join()
-big = torch.ones(32 << 20, dtype=torch.uint8)
+big = torch.ones(64 << 20, dtype=torch.uint8)  # above glibc's largest mmap threshold
 big.fill_(1)
 del big
 print(json.dumps({"started": len(started), "failed": failed, "limit_kib": limit >> 10,
@@ -85,5 +85,5 @@ def test_a_capped_worker_with_its_memory_cache_still_starts_threads() -> None:
 def test_the_memory_cache_keeps_freed_blocks_and_can_be_turned_off() -> None:
     cached = _run(1)
     uncached = _run(1, {"ORION_EMULATED_MEMORY_CACHE": "0"})
-    # A freed 32 MiB block stays in the process with the cache, and is unmapped without it.
-    assert cached["after_free_kib"] - uncached["after_free_kib"] >= 24 << 10, (cached, uncached)
+    # A freed 64 MiB block stays in the process with the cache, and is unmapped without it.
+    assert cached["after_free_kib"] - uncached["after_free_kib"] >= 48 << 10, (cached, uncached)

@@ -640,6 +640,10 @@ def upload(t: torch.Tensor, dev: int) -> RemoteTensor:
     nbytes = t.numel() * t.element_size()
     conn = get_runtime().conn(dev)
     check_quota(dev, nbytes)
+    if _pending_free:
+        # Tensors the program dropped go before the upload: the server reuses their memory
+        # for it (else a loop of uploads holds every one of them until the next op).
+        _drain_frees()
     h = _next_handle()
     conn.upload(h, t)
     return wrap(t.shape, t.stride(), 0, t.dtype, dev, h, Storage(nbytes, dev))

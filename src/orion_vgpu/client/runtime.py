@@ -172,7 +172,9 @@ class Runtime:
     def synchronize(self, dev: int | None = None) -> None:
         if self.alloc is None:
             return
+        from orion_vgpu.client import frontend
         from orion_vgpu.protocol import messages as m
+        frontend._drain_frees()  # what the program dropped is freed by the time it syncs
         for i, c in enumerate(self.conns):
             if dev is None or i == dev:
                 c.request([m.CMD_SYNC])

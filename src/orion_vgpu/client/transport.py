@@ -207,9 +207,7 @@ class Connection:
         if self.capture is not None:
             self.kept.extend(self.frees)  # a graph being captured may still use them
             self.frees = []
-        if self.frees:
-            frees, self.frees = self.frees, []
-            self.buf += self.packer.pack([m.CMD_FREE, frees])
+        self._queue_frees()
         if not self.buf:
             return
         body, self.buf = self.buf, bytearray()
@@ -219,6 +217,12 @@ class Connection:
             frames.send_frame(self.sock, body, payload)
         except OSError as exc:
             raise self._lost(exc) from None
+
+    def _queue_frees(self) -> None:
+        """Frees after everything queued so far (which may still use those handles)."""
+        if self.frees and self.capture is None:
+            frees, self.frees = self.frees, []
+            self.buf += self.packer.pack([m.CMD_FREE, frees])
 
     def request(self, cmd: list) -> list:
         """Send ``cmd`` (which asks for an answer) after everything queued; wait for it."""
@@ -288,8 +292,10 @@ class Connection:
                 self.flush()  # the server frees ring space only for commands it has seen
             pos = arena.reserve(nbytes)
             copy_bytes(arena.ring_region(pos, nbytes), raw)
+            self._queue_frees()  # before the upload: the server may reuse that memory for it
             self.push([m.CMD_UPLOAD, handle, code, list(t.shape), nbytes, pos])
             return
+        self._queue_frees()
         self.buf += self.packer.pack([m.CMD_UPLOAD, handle, code, list(t.shape), nbytes, None])
         if raw is not None:
             self.payload.append(memoryview(raw.numpy()))
