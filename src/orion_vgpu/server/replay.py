@@ -181,10 +181,12 @@ class _OpStep:
     def __init__(self, info: OpInfo, op_id: int, tmpl: _Template, outs: list) -> None:
         self.info, self.op_id, self.tmpl, self.outs = info, op_id, tmpl, outs
         self.checked = info.guarded or info.grows
-        self.view = not self.checked and _is_view(info)
+        # Outputs the client named (an alias it did not ask for has handle 0): reusable.
+        named = bool(outs) and all(h > 0 for h in outs)
+        self.view = not self.checked and named and _is_view(info)
         self.out_call: Any = None
         self.out_spec: list[tuple[str, bool]] = []  # (out argument, takes a list)
-        if not self.checked and not self.view and outs and all(h > 0 for h in outs):
+        if not self.checked and not self.view and named:
             self.out_call, self.out_spec = _out_overload(info)
         self.threads = 0       # shapes do not change between replays, nor an op's threads
         self.last_out: tuple | None = None  # the tensors its last run stored
@@ -218,7 +220,9 @@ class _OpStep:
     def _remember(self, tensors: dict[int, torch.Tensor], args: list) -> None:
         if not self.outs or (self.out_call is None and not self.view):
             return
-        last = tuple(tensors[h] for h in self.outs)
+        last = tuple(tensors.get(h) for h in self.outs)
+        if any(t is None for t in last):
+            return
         self.last_out = last
         if self.view:
             self.last_in = tuple(a for a in args if isinstance(a, torch.Tensor))
@@ -256,7 +260,7 @@ class _OpStep:
             return False
         finally:
             ex.busy_s += time.perf_counter() - t0
-            ex.n_ops += 1
+        ex.n_ops += 1
         if any(t.shape != s for t, s in zip(last, shapes, strict=True)):
             _recount(ex, last, self.outs)  # out= resized an output: the ledger follows
         return True
