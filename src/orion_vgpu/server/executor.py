@@ -621,6 +621,21 @@ class Executor:
             torch.set_num_threads(n)
             self._threads_now = n
 
+    def call(self, fn: Callable[..., Any], args: Any, kwargs: dict) -> Any:
+        """Run a kernel (or a graph of them) for the session: its time and count go to the
+        session's stats, a kernel out of memory is the client's OutOfMemoryError."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            oom = out_of_memory(exc, self.ledger)
+            if oom is not None:
+                raise oom from None
+            raise
+        finally:
+            self.busy_s += time.perf_counter() - t0
+            self.n_ops += 1
+
     def _guard(self, info: OpInfo, a: _Args) -> None:
         """Refuse what the op must not be asked before it runs."""
         for name in info.device_args:

@@ -40,7 +40,6 @@ from orion_vgpu.server.executor import (
     _Args,
     describe_op,
     oom_message,
-    out_of_memory,
     resolve_op,
 )
 from orion_vgpu.server.replay import Plan
@@ -232,18 +231,10 @@ class FxGraph:
             throttle.before_op()
         t0 = time.perf_counter()
         try:
-            results = self._execute(ex, inputs)
-        except Exception as exc:
-            oom = out_of_memory(exc, ex.ledger)
-            if oom is not None:
-                raise oom from None
-            raise
+            results = ex.call(self._execute, (ex, inputs), {})
         finally:
-            spent = time.perf_counter() - t0
-            ex.busy_s += spent
-            ex.n_ops += 1
             if throttle is not None:
-                throttle.after_op(spent)
+                throttle.after_op(time.perf_counter() - t0)
         self.runs += 1
         self._store(ex, results, outs)
 

@@ -30,7 +30,6 @@ from orion_vgpu.server.executor import (
     SessionError,
     _flatten,
     oom_message,
-    out_of_memory,
 )
 
 PLANNED_KINDS = frozenset({m.CMD_OP, m.CMD_COPY})
@@ -321,36 +320,11 @@ def _out_overload(info: OpInfo) -> tuple[Any, list[tuple[str, bool]]]:
 
 def _call(ex: Executor, info: OpInfo, args: list, kwargs: dict, outs: list) -> None:
     """``Executor.run`` for an op that neither needs a check first nor grows a storage."""
-    t0 = time.perf_counter()
-    try:
-        result = info.call(*args, **kwargs)
-    except Exception as exc:
-        oom = out_of_memory(exc, ex.ledger)
-        if oom is not None:
-            raise oom from None
-        raise
-    finally:
-        ex.busy_s += time.perf_counter() - t0
-        ex.n_ops += 1
+    result = ex.call(info.call, args, kwargs)
     if not outs:
         return
-    ledger = ex.ledger
-    before = ledger.used
     flat = [result] if isinstance(result, torch.Tensor) else _flatten(result)
     if len(flat) != len(outs):
         raise SessionError("RuntimeError", f"operator returned {len(flat)} tensors, client "
                            f"expected {len(outs)}")
-    stored: list[int] = []
-    try:
-        for h, t in zip(outs, flat, strict=True):
-            if h > 0:  # an int (checked when planned), a tensor (flattened)
-                ex._check_storable(t)
-                ex._hold(h, t)
-                stored.append(h)
-    except SessionError:
-        ex.free(stored)
-        raise
-    if ledger.used > ledger.limit:
-        grew = ledger.used - before
-        ex.free(stored)
-        raise SessionError("OutOfMemoryError", oom_message(grew, ledger))
+    ex.store_within_quota((h, t) for h, t in zip(outs, flat, strict=True) if h > 0)
