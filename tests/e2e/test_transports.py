@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.cluster import client_env, run_script
+from e2e.cluster import client_env, run_local, run_script
 
 
 def _client_log(home: Path) -> str:
@@ -61,3 +61,25 @@ def test_uploads_the_program_dropped_are_freed_before_the_next(pool, tmp_path: P
     # One upload held (plus, for a moment, the one before it): 16 x 4 MiB + 4 x 36 MiB if
     # dropped tensors waited for the next op.
     assert most <= 2 * 36, proc.stdout
+
+
+@pytest.mark.parametrize("cache", ["", "0"])
+def test_host_buffers_carry_large_transfers_as_local(pool, tmp_path: Path, cache: str) -> None:
+    """Uploads and downloads of 16 MiB go through host buffers (``ORION_HOST_CACHE_MB=0``:
+    through the arena): same results as the script run locally, a few buffers reused for a
+    loop of twenty, none left in the shm directory when the program is gone."""
+    ctl, _ = pool
+    env = client_env(ctl, tmp_path / "c", ORION_HOST_CACHE_MB=cache)
+    proc = run_script("host_buffers.py", env)
+    assert proc.returncode == 0, proc.stderr
+    local = run_local("host_buffers.py")
+    assert local.returncode == 0, local.stderr
+
+    def field(out: str, key: str) -> str:
+        return out.split(key + " ", 1)[1].split("\n", 1)[0]
+
+    assert field(proc.stdout, "SUMS") == field(local.stdout, "SUMS")
+    made = int(field(proc.stdout, "BUFFERS"))
+    assert (1 <= made <= 8) if cache == "" else made == 0, proc.stdout
+    for name in field(proc.stdout, "NAMES").split():
+        assert not (Path("/dev/shm") / name).exists(), name

@@ -653,8 +653,7 @@ def fetch(t: RemoteTensor) -> torch.Tensor:
     conn = get_runtime().conn(t._dev)
     if _pending_free:
         _drain_frees()
-    host = conn.fetch(t._h)
-    return host
+    return conn.fetch(t._h, t.numel() * t.element_size())
 
 
 def move(t: RemoteTensor, dev: int) -> RemoteTensor:

@@ -19,6 +19,13 @@ import torch
 
 from orion_vgpu import PROTOCOL_VERSION, __version__
 from orion_vgpu.client.errors import OrionError, raise_remote
+from orion_vgpu.client.hostpool import (
+    ONE_COPY_MIN,
+    UPLOAD_MIN,
+    HostBuffer,
+    HostPool,
+    cache_bytes,
+)
 from orion_vgpu.protocol import codec, frames
 from orion_vgpu.protocol import messages as m
 from orion_vgpu.protocol.shm import (
@@ -60,6 +67,7 @@ class Connection:
         self.flush_at = FLUSH_FIRST
         self.frees: list[int] = []
         self.arena: Arena | None = None
+        self.host_pool: HostPool | None = None  # buffers downloads land in (arena sessions)
         self.defined: set[int] = set()
         self.closed = False
         self.capture: bytearray | None = None  # commands recorded by a CUDA graph capture
@@ -146,6 +154,8 @@ class Connection:
             raise OrionError(f"{self.where} is not an Orion Server (unexpected handshake reply)")
         if own is not None and reply.get("shm"):
             self.arena = own[0]
+            if cache_bytes() > 0:
+                self.host_pool = HostPool(cache_bytes(), own[1])
         elif own is not None:
             own[0].close()
         return reply
@@ -282,6 +292,16 @@ class Connection:
             raise TypeError(f"dtype {t.dtype} is not supported on a vGPU")
         self.bytes_up += nbytes
         raw = t.reshape(-1).view(torch.uint8) if nbytes else None
+        pool = self.host_pool
+        if pool is not None and nbytes >= UPLOAD_MIN:
+            buf = pool.take(nbytes)
+            if buf is not None:
+                copy_bytes(torch.from_numpy(buf.data(nbytes)), raw)
+                pool.lend(buf)
+                self._queue_frees()  # before the upload: the server may reuse that memory
+                self.push([m.CMD_UPLOAD, handle, code, list(t.shape), nbytes, None, None,
+                           pool.destination(buf)])
+                return
         arena = self.arena
         if SHM_STREAM and arena is not None and raw is not None and nbytes >= STREAM_MIN_BYTES \
                 and stream_chunk(arena.ring_size):
@@ -325,12 +345,35 @@ class Connection:
         """False once the server closed the connection (a worker that died mid-stream)."""
         return frames.still_connected(self.sock)
 
-    def fetch(self, handle: int) -> torch.Tensor:
+    def fetch(self, handle: int, nbytes: int = 0) -> torch.Tensor:
+        """The tensor's bytes in a host tensor; ``nbytes`` (its size, when the caller knows
+        it) lets a large one land in a host buffer with one copy (client.hostpool)."""
         with self.lock:
-            return self._fetch(handle)
+            pool = self.host_pool
+            buf = pool.take(nbytes) if pool is not None and nbytes >= ONE_COPY_MIN else None
+            if buf is None:
+                return self._fetch(handle)
+            return self._fetch_into(handle, buf)
+
+    def _fetch_into(self, handle: int, buf: HostBuffer) -> torch.Tensor:
+        pool = self.host_pool
+        assert pool is not None
+        try:
+            reply = self.request([m.CMD_FETCH, handle, None, SHM_STREAM, pool.destination(buf)])
+        except BaseException:
+            pool.forget(buf)
+            raise
+        if reply[4] == m.IN_HOST_BUFFER:
+            _, dtype, shape, nbytes = reply[:4]
+            self.bytes_down += nbytes
+            return pool.wrap(buf, dtype, shape, nbytes)
+        pool.give_back(buf)  # larger than the caller said (or an older server): the usual way
+        return self._fetched(reply)
 
     def _fetch(self, handle: int) -> torch.Tensor:
-        reply = self.request([m.CMD_FETCH, handle, None, SHM_STREAM])
+        return self._fetched(self.request([m.CMD_FETCH, handle, None, SHM_STREAM]))
+
+    def _fetched(self, reply: list) -> torch.Tensor:
         _, dtype, shape, nbytes, off = reply[:5]
         self.bytes_down += nbytes
         out = torch.empty(shape, dtype=dtype)
@@ -432,6 +475,8 @@ class Connection:
         try:
             self.sock.close()
         finally:
+            if self.host_pool is not None:
+                self.host_pool.close()
             if self.arena is not None:
                 self.arena.close()
 

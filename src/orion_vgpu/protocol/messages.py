@@ -17,7 +17,7 @@ CMD_DEF = 0      # [0, op_id, "aten::name.overload"]
 CMD_OP = 1       # [1, op_id, args, kwargs, out_handles]
 CMD_FREE = 2     # [2, [handles]]
 CMD_UPLOAD = 3   # [3, handle, dtype, shape, nbytes, shm_offset | None(, chunk: streamed)]
-CMD_FETCH = 4    # [4, handle, dtype | None(, may_stream)]  -> [OK, dtype, shape, nbytes, shm_offset | None(, chunk)] + payload
+CMD_FETCH = 4    # [4, handle, dtype | None(, may_stream(, host_buffer))]  -> [OK, dtype, shape, nbytes, shm_offset | None | IN_HOST_BUFFER(, chunk)] + payload
 CMD_CALL = 5     # [5, op_id, args, kwargs, out_handles] -> [OK, values, out_meta]
 CMD_SYNC = 6     # [6] -> [OK]
 CMD_SEED = 7     # [7, seed]
@@ -56,6 +56,11 @@ CMD_GRAPH_RUN = 19
 
 ANSWERED = frozenset({CMD_FETCH, CMD_CALL, CMD_SYNC, CMD_STATS, CMD_RNG_GET, CMD_PROBE,
                       CMD_PG_INIT})
+
+# host_buffer of a fetch: [file name in the shm directory, its size, [names the worker may
+# unmap]]; the reply's offset is IN_HOST_BUFFER when the bytes were written there.
+IN_HOST_BUFFER = -1
+MAX_HOST_BUFFERS = 256  # mapped per session
 
 REPLY_OK = 0
 REPLY_ERROR = 1

@@ -541,15 +541,19 @@ class Executor:
         """Server-side copy between two of this session's tensors (never resizes)."""
         self.tensor(dst).copy_(self.tensor(src))
 
-    def host_copy(self, handle: Any) -> torch.Tensor:
-        """A dense host copy of a tensor for a fetch. An expanded view can describe far more
-        elements than its storage holds; its copy may not be larger than the vGPU."""
+    def fetchable(self, handle: Any) -> torch.Tensor:
+        """A tensor a fetch may copy out. An expanded view can describe far more elements
+        than its storage holds; its copy may not be larger than the vGPU."""
         t = self.tensor(handle)
         nbytes = t.numel() * t.element_size()
         if nbytes > max(self.ledger.limit, t.untyped_storage().nbytes()):
             raise SessionError("OutOfMemoryError", f"cannot fetch {nbytes / 2**20:.2f} MiB: "
                                f"more than the vGPU's {self.ledger.limit / 2**20:.2f} MiB")
-        return t.detach().to("cpu").contiguous()
+        return t.detach()
+
+    def host_copy(self, handle: Any) -> torch.Tensor:
+        """A dense host copy of a tensor for a fetch (the tensor itself if it is one)."""
+        return self.fetchable(handle).to("cpu").contiguous()
 
     # ops ---------------------------------------------------------------------
     def define(self, op_id: int, name: str) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import gc
 import logging
+import mmap
 import os
 import resource
 import socket
@@ -40,6 +41,7 @@ from orion_vgpu.server import peer
 from orion_vgpu.server.collectives import Collectives
 from orion_vgpu.server.executor import Executor, SessionError, oom_message
 from orion_vgpu.server.graphs import GraphStore
+from orion_vgpu.server.hostbuffers import HostBuffers, release
 from orion_vgpu.server.throttle import make_throttle
 
 log = logging.getLogger("orion.session")
@@ -92,6 +94,7 @@ class Session:
         self.ex = Executor(self.device, int(spec["gmem_bytes"]))
         self.ex.throttle = make_throttle(spec)
         self.arena: Arena | None = None
+        self.host_buffers: HostBuffers | None = None  # with the arena (client.hostpool)
         self.pending: SessionError | None = None
         self.unpacker = msgpack.Unpacker(
             ext_hook=codec.make_ext_hook(self.ex.resolve, self.device), raw=False,
@@ -140,6 +143,7 @@ class Session:
             log.info("shared memory unavailable (%s); using the socket", exc)
             return False
         self.arena = arena
+        self.host_buffers = HostBuffers(str(shm["nonce"]))
         return True
 
     def _device_props(self) -> dict[str, Any]:
@@ -321,6 +325,7 @@ class Session:
     def _upload(self, cmd: list) -> None:
         _, handle, dtype_code, shape, nbytes, shm_pos, *more = cmd
         chunk = more[0] if more else None  # set: streamed through the ring in chunks
+        host_buffer = more[1] if len(more) > 1 else None  # set: in a host buffer
         dtype = codec.dtype_from_code(dtype_code)
         if not isinstance(shape, list) or type(nbytes) is not int:
             raise SessionError("ProtocolError", "upload needs a shape array and a byte count")
@@ -339,6 +344,9 @@ class Session:
         itemsize = torch.empty((), dtype=dtype).element_size()
         if numel * itemsize != nbytes:
             raise SessionError("ValueError", "upload size does not match its shape")
+        if host_buffer is not None:
+            self._upload_from_buffer(handle, dtype, shape, nbytes, host_buffer)
+            return
         if shm_pos is None and nbytes > self.payload_left:
             raise SessionError("ProtocolError", "upload larger than the frame's payload")
         self._check_quota_or_drain(nbytes, shm_pos, chunk)
@@ -356,6 +364,28 @@ class Session:
                 copy_bytes(raw, self.arena.ring_region(shm_pos, nbytes))
                 self.arena.set_consumed(shm_pos + nbytes)
         t = host if self.device.type == "cpu" else host.to(self.device)
+        self.ex.store(handle, t)
+
+    def _upload_from_buffer(self, handle: Any, dtype: torch.dtype, shape: list[int],
+                            nbytes: int, dest: object) -> None:
+        """An upload in a host buffer: on an emulated GPU the buffer becomes the tensor's
+        memory (no copy); on CUDA one DMA copies it and the buffer is free again at once."""
+        if self.host_buffers is None:
+            raise SessionError("ProtocolError", "upload names a host buffer but this session "
+                               "has no shared memory")
+        mm = self.host_buffers.get(dest)
+        try:
+            if nbytes > len(mm) - HostBuffers.HEADER:
+                raise SessionError("ProtocolError", "upload larger than its host buffer")
+            self.ex.check_alloc(nbytes)
+            if self.device.type == "cpu":
+                self.ex.store(handle, HostBuffers.adopt(mm, nbytes, dtype, shape))
+                return
+            t = HostBuffers.data(mm, nbytes).view(dtype).view(shape).to(self.device)
+        except BaseException:
+            release(mm)
+            raise
+        release(mm)
         self.ex.store(handle, t)
 
     def _receive_stream(self, raw: torch.Tensor | None, start: int, nbytes: int,
@@ -396,6 +426,9 @@ class Session:
             raise
 
     def _fetch(self, cmd: list) -> None:
+        if len(cmd) > 4 and cmd[4] is not None and self.host_buffers is not None:
+            if self._fetch_into(cmd[1], self.host_buffers.get(cmd[4])):
+                return
         host = self.ex.host_copy(cmd[1])
         nbytes = host.numel() * host.element_size()
         raw = host.reshape(-1).view(torch.uint8)
@@ -414,6 +447,23 @@ class Session:
         else:
             self._reply([m.REPLY_OK, dtype, list(host.shape), nbytes, None],
                         [memoryview(raw.numpy())] if nbytes else None)
+
+    def _fetch_into(self, handle: Any, mm: mmap.mmap) -> bool:
+        """One copy into the client's host buffer (on CUDA: one DMA into mapped memory);
+        False if the tensor does not fit it."""
+        t = self.ex.fetchable(handle)
+        nbytes = t.numel() * t.element_size()
+        if nbytes > len(mm) - HostBuffers.HEADER:
+            return False
+        if nbytes:
+            dst = HostBuffers.data(mm, nbytes)
+            if t.device.type == "cpu" and t.is_contiguous():
+                copy_bytes(dst, t.reshape(-1).view(torch.uint8))
+            else:
+                dst.view(t.dtype).view(t.shape).copy_(t)
+        self._reply([m.REPLY_OK, codec.DTYPE_EXT[t.dtype], list(t.shape), nbytes,
+                     m.IN_HOST_BUFFER])
+        return True
 
     def _send_stream(self, raw: torch.Tensor, chunk: int) -> None:
         """After a streamed reply: write the bytes through the download area chunk by chunk
@@ -686,6 +736,8 @@ def run(control_fd: int) -> int:
         if session.peer is not None:
             session.peer.close()  # pullers hear why; snapshots are freed
         session.collectives.close()  # peers still in a collective fail now, not at the timeout
+        if session.host_buffers is not None:
+            session.host_buffers.sweep()  # files of a client that died filling them
         log.info("session %s allocation %s vgpu %s ended: %s (%d ops, peak %d MiB)",
                  spec.get("session_id", "?")[:8], spec.get("allocation_id"),
                  spec.get("vgpu_index"), reason, session.ex.n_ops, session.ex.ledger.peak >> 20)
