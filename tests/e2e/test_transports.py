@@ -48,6 +48,10 @@ def test_orion_shm_arena_for_containers(pool, tmp_path: Path) -> None:
         proc = run_script("transfer.py", env)
         assert proc.returncode == 0, proc.stderr
         assert "shm yes" in _client_log(home)
+        # Host buffers are files the server could not see from such a container: not used.
+        proc = run_script("host_buffers.py", env)
+        assert proc.returncode == 0, proc.stderr
+        assert "BUFFERS 0" in proc.stdout, proc.stdout
     finally:
         arena.unlink(missing_ok=True)
 

@@ -154,7 +154,9 @@ class Connection:
             raise OrionError(f"{self.where} is not an Orion Server (unexpected handshake reply)")
         if own is not None and reply.get("shm"):
             self.arena = own[0]
-            if cache_bytes() > 0:
+            # With an `orion shm` file (a container that mounts only that file) the server
+            # cannot see files this process makes in its shm directory.
+            if cache_bytes() > 0 and own[0].path.rsplit("/", 1)[-1].startswith("orion-"):
                 self.host_pool = HostPool(cache_bytes(), own[1])
         elif own is not None:
             own[0].close()
