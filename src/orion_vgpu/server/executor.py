@@ -303,6 +303,11 @@ _STORAGE_WRITERS = frozenset({"aten::resize_", "aten::resize_as_", "aten::set_",
                               "aten::_resize_output_", "aten::resize_as_sparse_"})
 
 
+# Words in the names of ops that may reallocate a written tensor's storage besides the
+# _STORAGE_WRITERS (conservative: any op so named is recounted).
+_RECOUNT_WORDS = ("resize", "set", "sparse", "swap", "storage")
+
+
 @dataclass(frozen=True)
 class OpInfo:
     """An allowed operator with what the executor needs to know about its arguments."""
@@ -318,12 +323,16 @@ class OpInfo:
     parallel_min: int = PARALLEL_MIN           # elements for a run on all threads (emulated)
     # Derived once here so that running the op looks nothing up (see Executor.run):
     guarded: bool = field(init=False)          # something to check before it runs
+    # Written tensors to recount after a run: an in-place op (add_, _foreach_mul_, ...) writes
+    # into its storage and never reallocates it; out= ops and the resizing/swapping ones may.
+    recount: bool = field(init=False)
     written_at: tuple[tuple[int, str], ...] = field(init=False)  # (position, name) written
     call: Any = field(init=False)              # the op's C++ entry (OpOverload.__call__'s)
 
     def __post_init__(self) -> None:
         derived = {
             "guarded": bool(self.device_args or self.sizer or self.unsafe_flag),
+            "recount": self.grows or any(w in self.name for w in _RECOUNT_WORDS),
             "written_at": tuple((self.names.index(w), w) for w in self.written),
             "call": getattr(self.op, "_op", self.op)}
         for name, value in derived.items():
@@ -694,14 +703,15 @@ class Executor:
         ledger = self.ledger
         before = ledger.used
         # In-place and out= ops may resize (or, for set_, swap) what they write.
-        n_args = len(args)
-        for i, name in info.written_at:
-            v = args[i] if i < n_args else kwargs.get(name)
-            if isinstance(v, torch.Tensor):
-                ledger.refresh(v)
-            elif v is not None:
-                for t in _tensors(v):
-                    ledger.refresh(t)
+        if info.recount:
+            n_args = len(args)
+            for i, name in info.written_at:
+                v = args[i] if i < n_args else kwargs.get(name)
+                if isinstance(v, torch.Tensor):
+                    ledger.refresh(v)
+                elif v is not None:
+                    for t in _tensors(v):
+                        ledger.refresh(t)
         if snapshot is not None:  # set_ may grow the storage of a tensor it only reads
             for t in _tensors([args, list(kwargs.values())]):
                 ledger.refresh(t)
