@@ -297,6 +297,10 @@ _SIZERS: dict[str, Callable[[_Args], int | None]] = {
     "aten::_resize_output_": _resize_output_bytes,
     "aten::set_": _set_bytes,
 }
+# Longest run of a frame's ops charged to the compute share as one turn (Executor.begin_batch):
+# well under the share's time slice (throttle.TURN_S, 50 ms).
+BATCH_MAX_S = 0.005
+
 # Ops that may reallocate or swap the storage of a tensor they write: checked after they
 # run and rolled back if the session went past its quota (out= ops resize their outputs).
 _STORAGE_WRITERS = frozenset({"aten::resize_", "aten::resize_as_", "aten::set_",
@@ -479,6 +483,7 @@ class Executor:
         self.n_ops = 0
         # Compute-share enforcement (orion_vgpu.server.throttle); None = run freely.
         self.throttle: Any = None
+        self._batch: tuple[Any, float, int] | None = None  # (throttle, busy_s, n_ops) at its start
         # Handles named but not held since the last op ran: only then does ``run`` scan
         # its arguments for them (the decoder sees every handle as the command arrives).
         self.missing = 0
@@ -613,6 +618,31 @@ class Executor:
                 throttle.after_op(spent)
         self._bind_outputs(info, args, kwargs, result, outs, snapshot)
         return result
+
+    def begin_batch(self) -> None:
+        """The ops until ``end_batch`` (a frame's run of them) take one turn of the compute
+        share: one device lock and share-table update for them all, not one per op (with
+        16 sessions on a GPU the per-op turn cost more than the tiny ops themselves)."""
+        throttle = self.throttle
+        if throttle is None or self._batch is not None:
+            return
+        throttle.before_op()
+        self._batch = (throttle, self.busy_s, self.n_ops)
+        self.throttle = None
+
+    def end_batch(self) -> None:
+        batch = self._batch
+        if batch is None:
+            return
+        throttle, busy0, ops0 = batch
+        self._batch = None
+        self.throttle = throttle
+        throttle.after_op(self.busy_s - busy0, self.n_ops - ops0)
+
+    def batch_full(self) -> bool:
+        """A batch is cut after BATCH_MAX_S of busy time, so that turns stay short."""
+        batch = self._batch
+        return batch is not None and self.busy_s - batch[1] >= BATCH_MAX_S
 
     def threads_for(self, info: OpInfo, args: list) -> int:
         """All threads for a large op, one for a small one (see PARALLEL_MIN)."""

@@ -1,8 +1,8 @@
 """Compute share (ORION_RATIO, [throttle]): holds each session to its share of its GPU.
 
 The worker calls ``make_throttle(spec)`` once per session, then ``before_op()`` /
-``after_op(seconds)`` around every op and ``close()`` at the end (see
-``server/executor.py``). Three mechanisms, all per physical GPU:
+``after_op(seconds, ops)`` around every run of ops (a frame's consecutive ops, a graph
+replay; see ``Executor.begin_batch``) and ``close()`` at the end. Three mechanisms, all per physical GPU:
 
 * **Share table.** A small file in /dev/shm named from the GPU's uuid (and, for an
   emulated GPU, the daemon's pid), mmap'd by every worker on that GPU: one slot per
@@ -678,13 +678,15 @@ class Throttle:
         if not self._locked:
             self._publish(BACKLOGGED, self.clock.now())
 
-    def after_op(self, spent: float) -> None:
+    def after_op(self, spent: float, ops: int = 1) -> None:
+        """``ops``: how many ops ran since ``before_op`` (a frame's run of them takes one
+        turn, see ``Executor.begin_batch``)."""
         if self.timer is not None:
             spent = self.timer.stop(synchronize=self._locked)
         now = self.clock.now()
         self.busy_s += spent
         self.vtime += spent / self.share
-        self.ops += 1
+        self.ops += ops
         self.pace.ran(spent)
         self._last_end = now
         if self.bucket is not None:

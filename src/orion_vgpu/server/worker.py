@@ -201,27 +201,11 @@ class Session:
         if self.peer is not None:
             self.peer.settle()  # snapshots peers took leave the ledger
         self.unpacker.feed(body)
-        run = self.ex.run
-        for cmd in self.unpacker:
-            if not isinstance(cmd, list) or not cmd:
-                raise ValueError("command is not a non-empty array")
-            kind = cmd[0]
-            if kind == m.CMD_OP and len(cmd) == 5:  # most commands: straight to the executor
-                try:
-                    run(cmd[1], cmd[2], cmd[3], cmd[4])
-                except SessionError as exc:
-                    self._fail(exc)
-                except Exception as exc:  # as in _execute: the client's error
-                    self._fail(SessionError(type(exc).__name__, str(exc)))
-                continue
-            if kind == m.CMD_BYE:
+        try:
+            if self._run_commands():
                 return True
-            if kind in m.ANSWERED:
-                self._answer(cmd)
-            else:
-                self._execute(cmd)
-            if self.end_reason:
-                return True
+        finally:
+            self.ex.end_batch()
         # A command cut off at the end of its frame must not be glued to the next frame: a
         # nil fed after the last command comes back alone only if none was left unfinished.
         self.unpacker.feed(b"\xc0")
@@ -231,6 +215,38 @@ class Session:
             whole = False
         if not whole:
             raise ValueError("frame ends inside a command (truncated)")
+        return False
+
+    def _run_commands(self) -> bool:
+        """The frame's commands; True if one ended the session. A run of consecutive ops
+        takes one turn of the compute share (``Executor.begin_batch``)."""
+        ex = self.ex
+        run = ex.run
+        for cmd in self.unpacker:
+            if not isinstance(cmd, list) or not cmd:
+                raise ValueError("command is not a non-empty array")
+            kind = cmd[0]
+            if kind == m.CMD_OP and len(cmd) == 5:  # most commands: straight to the executor
+                if ex.throttle is not None:
+                    ex.begin_batch()
+                try:
+                    run(cmd[1], cmd[2], cmd[3], cmd[4])
+                except SessionError as exc:
+                    self._fail(exc)
+                except Exception as exc:  # as in _execute: the client's error
+                    self._fail(SessionError(type(exc).__name__, str(exc)))
+                if ex.batch_full():
+                    ex.end_batch()
+                continue
+            ex.end_batch()
+            if kind == m.CMD_BYE:
+                return True
+            if kind in m.ANSWERED:
+                self._answer(cmd)
+            else:
+                self._execute(cmd)
+            if self.end_reason:
+                return True
         return False
 
     def _execute(self, cmd: list) -> None:
