@@ -642,6 +642,7 @@ class Throttle:
         self.dropped_s = 0.0  # priority given up on returning from idle, in busy seconds
         self.ops = 0
         self.contended_ops = 0
+        self._contended_turn = False
         self.started = now
         self._neighbours = False  # other sessions hold slots: ops take the device lock
         self._shared = False      # and some of them are active: take turns
@@ -687,6 +688,9 @@ class Throttle:
         self.busy_s += spent
         self.vtime += spent / self.share
         self.ops += ops
+        if self._contended_turn:
+            self.contended_ops += ops
+            self._contended_turn = False
         self.pace.ran(spent)
         self._last_end = now
         if self.bucket is not None:
@@ -779,7 +783,7 @@ class Throttle:
         if self._guard(table.lock):
             self._locked = True
             table.set_owner(table.slot)  # our time slice (the lock makes this write ours)
-        self.contended_ops += contended
+        self._contended_turn = contended  # its ops are counted when the turn ends
         self.wait_s += self.clock.now() - t0
 
     def _delay(self, active: list[Peer], owner_slot: int, now: float) -> float:
