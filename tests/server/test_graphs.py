@@ -344,8 +344,10 @@ def test_a_replay_follows_tensors_changed_between_replays(
     ex, store = _plan_session(True, monkeypatch)
     _replay(store)
     _replay(store)
-    ex.tensors[1].set_(torch.full((4, 4), 3.0))  # the weight moved to other memory in place
-    ex.ledger.refresh(ex.tensors[1])
+    # The weight moved to other memory in place, as a program's set_ does (an op).
+    ex.define(50, "aten::set_.source_Tensor")
+    ex.store(20, torch.full((4, 4), 3.0))
+    ex.run(50, [ex.tensors[1], ex.tensors[20]], {}, [0])
     ex.store(3, torch.full((2, 4), 2.0))    # the input rebound to another tensor
     ex.free([11])                           # an output freed: stored again
     x, w1 = ex.tensors[3].clone(), ex.tensors[1].clone()
@@ -355,6 +357,20 @@ def test_a_replay_follows_tensors_changed_between_replays(
     assert torch.equal(ex.tensors[13], expect.view(8))
     assert torch.equal(ex.tensors[14], expect.sum())
     assert ex.ledger.used == ex.ledger.recount()
+
+
+def test_a_view_follows_its_input_transposed_in_place_between_replays(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ex, store = _plan_session(True, monkeypatch)
+    ex.tensors[1].copy_(torch.arange(16.0).view(4, 4))
+    _replay(store)
+    _replay(store)  # the view 10 = w1.t() is skipped from here on...
+    ex.define(51, "aten::t_.default")
+    ex.run(51, [ex.tensors[1]], {}, [0])  # ...until its input changes its strides in place
+    x, w1 = ex.tensors[3].clone(), ex.tensors[1].clone()
+    _replay(store)
+    assert torch.equal(ex.tensors[10], ex.tensors[1].t())  # a stale view would be w1 itself
+    assert torch.equal(ex.tensors[11], x @ w1.t())
 
 
 def test_a_failing_step_is_reported_and_the_replay_goes_on(

@@ -310,6 +310,9 @@ _STORAGE_WRITERS = frozenset({"aten::resize_", "aten::resize_as_", "aten::set_",
 # Words in the names of ops that may reallocate a written tensor's storage besides the
 # _STORAGE_WRITERS (conservative: any op so named is recounted).
 _RECOUNT_WORDS = ("resize", "set", "sparse", "swap", "storage")
+# ... and of in-place ops that may change a written tensor's sizes or strides.
+_RESTRIDE_WORDS = ("strided", "squeeze", "transpose", "aten::t_", "view", "permute", "expand",
+                   "unfold", "narrow", "select", "slice", "diagonal", "movedim")
 
 
 @dataclass(frozen=True)
@@ -330,6 +333,10 @@ class OpInfo:
     # Written tensors to recount after a run: an in-place op (add_, _foreach_mul_, ...) writes
     # into its storage and never reallocates it; out= ops and the resizing/swapping ones may.
     recount: bool = field(init=False)
+    # May change the sizes, strides or storage of a tensor in place (t_, squeeze_, resize_,
+    # set_, out= ...): bumps Executor.meta_epoch, which graph replays check before they
+    # skip a view op whose inputs are the same tensors as last time (server/replay.py).
+    restrides: bool = field(init=False)
     written_at: tuple[tuple[int, str], ...] = field(init=False)  # (position, name) written
     call: Any = field(init=False)              # the op's C++ entry (OpOverload.__call__'s)
 
@@ -337,6 +344,8 @@ class OpInfo:
         derived = {
             "guarded": bool(self.device_args or self.sizer or self.unsafe_flag),
             "recount": self.grows or any(w in self.name for w in _RECOUNT_WORDS),
+            "restrides": self.grows or (bool(self.written) and any(
+                w in self.name for w in _RECOUNT_WORDS + _RESTRIDE_WORDS)),
             "written_at": tuple((self.names.index(w), w) for w in self.written),
             "call": getattr(self.op, "_op", self.op)}
         for name, value in derived.items():
@@ -484,6 +493,8 @@ class Executor:
         # Compute-share enforcement (orion_vgpu.server.throttle); None = run freely.
         self.throttle: Any = None
         self._batch: tuple[Any, float, int] | None = None  # (throttle, busy_s, n_ops) at its start
+        # Bumped by every op that may change a tensor's sizes, strides or storage in place.
+        self.meta_epoch = 0
         # Handles named but not held since the last op ran: only then does ``run`` scan
         # its arguments for them (the decoder sees every handle as the command arrives).
         self.missing = 0
@@ -595,6 +606,8 @@ class Executor:
         if info.guarded:
             self._guard(info, _Args(info.names, args, kwargs))
         snapshot = self._snapshot(info, args, kwargs) if info.grows else None
+        if info.restrides:
+            self.meta_epoch += 1
         if self.threads > 1:
             self.use_threads(self.threads_for(info, args))
         throttle = self.throttle

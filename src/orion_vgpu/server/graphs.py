@@ -229,6 +229,7 @@ class FxGraph:
         throttle = ex.throttle
         if throttle is not None:
             throttle.before_op()
+        ex.meta_epoch += 1  # a compiled graph may change tensors' layouts in place
         t0 = time.perf_counter()
         try:
             results = ex.call(self._execute, (ex, inputs), {})

@@ -5,7 +5,9 @@ Handles are bound to the session's tensors as each op is reached (an op's output
 later op's input). As a CUDA graph replays into the memory its capture allocated, an op
 whose outputs are still the tensors its last run stored writes into them again (its
 ``out=`` overload): no allocation, nothing new for the ledger, and views made of them stay
-valid; a view op whose input and output tensors are unchanged is not run again. Anything
+valid; a view op whose input and output tensors are the same objects as last time is not
+run again, unless an op that may change a tensor's sizes, strides or storage in place ran
+since (``Executor.meta_epoch``: t_, squeeze_, resize_, set_, out= ops ...). Anything
 else runs as in eager mode: outputs stored with the same memory ledger and quota, and ops
 that need a check before they run (device arguments, sizes of new tensors, storages that
 may grow) go through ``Executor.run`` with their arguments bound. The compute share is
@@ -166,16 +168,11 @@ class _CopyStep:
         ex.copy(self.dst, self.src)
 
 
-def _layout(t: torch.Tensor) -> tuple:
-    """What a view of ``t`` depends on: its memory, shape and strides."""
-    return (t.data_ptr(), t.shape, t.stride())
-
-
 class _OpStep:
     """One op of the plan, and what its last run left (see the module's docstring)."""
 
     __slots__ = ("info", "op_id", "tmpl", "outs", "checked", "view", "out_call", "out_spec",
-                 "threads", "last_out", "out_kw", "last_in", "layouts")
+                 "threads", "last_out", "out_kw", "last_in", "epoch")
 
     def __init__(self, info: OpInfo, op_id: int, tmpl: _Template, outs: list) -> None:
         self.info, self.op_id, self.tmpl, self.outs = info, op_id, tmpl, outs
@@ -191,13 +188,13 @@ class _OpStep:
         self.last_out: tuple | None = None  # the tensors its last run stored
         self.out_kw: dict[str, Any] = {}
         self.last_in: tuple = ()            # (view ops) the inputs of its last run
-        self.layouts: tuple = ()            # (view ops) their layouts, and the outputs'
+        self.epoch = -1                     # (view ops) Executor.meta_epoch after it
 
     def run(self, ex: Executor) -> None:
         tensors = ex.tensors
         last = self.last_out
         bound = last is not None and _still_bound(tensors, self.outs, last)
-        if bound and self.view and self._unchanged(tensors, last):
+        if bound and self.view and self._unchanged(ex, tensors):
             return
         args, kwargs = self.tmpl.bind(tensors)
         if self.checked:
@@ -208,24 +205,26 @@ class _OpStep:
             return
         if ex.threads > 1:
             ex.use_threads(self._threads(ex, args))
+        if self.info.restrides:
+            ex.meta_epoch += 1
         _call(ex, self.info, args, kwargs, self.outs)
-        self._remember(tensors, args)
+        self._remember(ex, args)
 
     def _threads(self, ex: Executor, args: list) -> int:
         if not self.threads:
             self.threads = ex.threads_for(self.info, args)
         return self.threads
 
-    def _remember(self, tensors: dict[int, torch.Tensor], args: list) -> None:
+    def _remember(self, ex: Executor, args: list) -> None:
         if not self.outs or (self.out_call is None and not self.view):
             return
-        last = tuple(tensors.get(h) for h in self.outs)
+        last = tuple(ex.tensors.get(h) for h in self.outs)
         if any(t is None for t in last):
             return
         self.last_out = last
         if self.view:
             self.last_in = tuple(a for a in args if isinstance(a, torch.Tensor))
-            self.layouts = tuple(_layout(t) for t in self.last_in + last)
+            self.epoch = ex.meta_epoch
             return
         if len(self.out_spec) == 1 and self.out_spec[0][1]:
             self.out_kw = {self.out_spec[0][0]: list(last)}
@@ -234,19 +233,23 @@ class _OpStep:
         else:
             self.out_call = None  # outputs and out= arguments do not pair up
 
-    def _unchanged(self, tensors: dict[int, torch.Tensor], last: tuple) -> bool:
-        """A view op's inputs and outputs are the tensors of its last run, as they were."""
+    def _unchanged(self, ex: Executor, tensors: dict[int, torch.Tensor]) -> bool:
+        """A view op's inputs (and outputs, checked by the caller) are the tensors of its
+        last run, and no op since then may have changed a tensor's sizes, strides or
+        storage in place (``Executor.meta_epoch``): the view it made is still right."""
+        if ex.meta_epoch != self.epoch:
+            return False
         tmpl = self.tmpl
         if tmpl.nested or tmpl.kw_refs or len(tmpl.refs) != len(self.last_in):
             return False
         for (_, h), t in zip(tmpl.refs, self.last_in, strict=True):
             if tensors.get(h) is not t:
                 return False
-        return tuple(_layout(t) for t in self.last_in + last) == self.layouts
+        return True
 
     def _into_last(self, ex: Executor, args: list, kwargs: dict, last: tuple) -> bool:
         """Run the op into the tensors its last run stored; False if that cannot be done."""
-        shapes = [t.shape for t in last]
+        shapes = last[0].shape if len(last) == 1 else [t.shape for t in last]
         if ex.threads > 1:
             ex.use_threads(self._threads(ex, args))
         t0 = time.perf_counter()
@@ -260,7 +263,9 @@ class _OpStep:
         finally:
             ex.busy_s += time.perf_counter() - t0
         ex.n_ops += 1
-        if any(t.shape != s for t, s in zip(last, shapes, strict=True)):
+        if (last[0].shape != shapes if len(last) == 1
+                else any(t.shape != s for t, s in zip(last, shapes, strict=True))):
+            ex.meta_epoch += 1  # views of these outputs are stale now
             _recount(ex, last, self.outs)  # out= resized an output: the ledger follows
         return True
 
