@@ -447,7 +447,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-_ARENA = re.compile(r"orion-[0-9a-f]{16}")  # client/transport.py names its arenas so
+# client/transport.py names its arenas so; host buffers (client/hostpool.py) have 16 more
+_ARENA = re.compile(r"orion-[0-9a-f]{16}([0-9a-f]{16})?")
 
 
 def shm_files() -> set[str]:

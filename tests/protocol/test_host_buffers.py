@@ -108,9 +108,11 @@ def test_sweep_removes_only_the_sessions_unmapped_files(shm_dir: Path) -> None:
     pool, other = HostPool(64 * MIB, NONCE), HostPool(64 * MIB, "e" * 32)
     mine, theirs = pool.take(MIB), other.take(MIB)
     assert mine is not None and theirs is not None
-    # A file with the session's prefix but not its nonce is not the session's.
-    (shm_dir / (pool.prefix + "00" * 8)).write_bytes(b"\0" * 8192)
-    assert HostBuffers(NONCE).sweep() == 1
+    # A file with the session's prefix but another nonce is not the session's; one with an
+    # empty header is (its program was killed right after creating it).
+    (shm_dir / (pool.prefix + "00" * 8)).write_bytes(b"\1" * 8192)
+    (shm_dir / (pool.prefix + "11" * 8)).write_bytes(b"")
+    assert HostBuffers(NONCE).sweep() == 2
     assert sorted(p.name for p in shm_dir.iterdir()) == sorted([theirs.name,
                                                                 pool.prefix + "00" * 8])
 

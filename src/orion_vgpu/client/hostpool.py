@@ -39,7 +39,6 @@ from orion_vgpu.protocol.hostbuf import (
     FREE,
     HEADER,
     LENT,
-    NONCE_LEN,
     STATE_AT,
     file_prefix,
     nonce_bytes,
@@ -180,16 +179,15 @@ def _create(size: int, prefix: str, nonce: bytes) -> HostBuffer | None:
     except OSError:
         return None
     try:
+        os.pwrite(fd, nonce, 0)  # first: the worker's sweep knows the file as the session's
         os.posix_fallocate(fd, 0, HEADER + size)
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        buf = HostBuffer(path, size, mmap.mmap(fd, HEADER + size, flags=flags))
+        return HostBuffer(path, size, mmap.mmap(fd, HEADER + size, flags=flags))
     except OSError:
         _unlink(path)
         return None
     finally:
         os.close(fd)
-    buf.mm[0:NONCE_LEN] = nonce
-    return buf
 
 
 def _close(buf: HostBuffer) -> None:

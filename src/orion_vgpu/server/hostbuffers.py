@@ -81,7 +81,8 @@ class HostBuffers:
         return mm
 
     def sweep(self) -> int:
-        """At the session's end: unlink this session's buffer files (tag and nonce match)."""
+        """At the session's end: unlink this session's buffer files (its name tag, and its
+        nonce or an empty header: a program killed right after creating the file)."""
         removed = 0
         with contextlib.suppress(OSError):
             for name in os.listdir(shm_dir()):
@@ -97,9 +98,11 @@ class HostBuffers:
         except OSError:
             return False
         try:
-            return os.pread(fd, NONCE_LEN, 0) == self.nonce
+            head = os.pread(fd, NONCE_LEN, 0)
         finally:
             os.close(fd)
+        # Only this session's client can make names with its tag (derived from its secret).
+        return head == self.nonce or head.strip(b"\0") == b""
 
     @staticmethod
     def data(mm: mmap.mmap, nbytes: int) -> torch.Tensor:
