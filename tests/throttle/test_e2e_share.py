@@ -69,7 +69,9 @@ def test_contending_programs_share_one_gpu_by_ratio(throttled_pool, tmp_path: Pa
     assert gpu_low == gpu_high  # binpack: both on GPU 0
     r_low, r_high = run_window([low, high])
     time.sleep(0.5)
-    lines = sorted(summaries(srv.session_logs()))  # "ratio 25%" sorts before "ratio 75%"
+    # By ratio, not by the whole line: each starts with the time its session ended.
+    lines = sorted(summaries(srv.session_logs()),
+                   key=lambda x: int(re.search(r"ratio (\d+)%", x).group(1)))  # type: ignore[union-attr]
     assert len(lines) == 2, lines
     (busy_low, ops_low), (busy_high, ops_high) = [
         (float(m.group(1)), int(m.group(2))) for m in
