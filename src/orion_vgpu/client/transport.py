@@ -159,8 +159,9 @@ class Connection:
             self.arena = own[0]
             # With an `orion shm` file (a container that mounts only that file) the server
             # cannot see files this process makes in its shm directory.
-            if cache_bytes() > 0 and own[0].path.rsplit("/", 1)[-1].startswith("orion-"):
-                self.host_pool = HostPool(cache_bytes(), own[1])
+            cache = cache_bytes()
+            if cache > 0 and os.path.basename(own[0].path).startswith("orion-"):
+                self.host_pool = HostPool(cache, own[1])
         elif own is not None:
             own[0].close()
         return reply

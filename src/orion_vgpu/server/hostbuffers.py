@@ -33,8 +33,6 @@ from orion_vgpu.server.executor import SessionError
 
 
 class HostBuffers:
-    HEADER = HEADER
-
     def __init__(self, nonce: str) -> None:
         self.nonce = nonce_bytes(nonce)
         self.prefix = file_prefix(nonce)
@@ -103,6 +101,11 @@ class HostBuffers:
             os.close(fd)
         # Only this session's client can make names with its tag (derived from its secret).
         return head == self.nonce or head.strip(b"\0") == b""
+
+    @staticmethod
+    def capacity(mm: mmap.mmap) -> int:
+        """Bytes of data the buffer holds."""
+        return len(mm) - HEADER
 
     @staticmethod
     def data(mm: mmap.mmap, nbytes: int) -> torch.Tensor:

@@ -222,12 +222,13 @@ class Session:
         takes one turn of the compute share (``Executor.begin_batch``)."""
         ex = self.ex
         run = ex.run
+        throttled = ex.throttle is not None  # between frames no batch is open
         for cmd in self.unpacker:
             if not isinstance(cmd, list) or not cmd:
                 raise ValueError("command is not a non-empty array")
             kind = cmd[0]
             if kind == m.CMD_OP and len(cmd) == 5:  # most commands: straight to the executor
-                if ex.throttle is not None:
+                if throttled:
                     ex.begin_batch()
                 try:
                     run(cmd[1], cmd[2], cmd[3], cmd[4])
@@ -235,10 +236,11 @@ class Session:
                     self._fail(exc)
                 except Exception as exc:  # as in _execute: the client's error
                     self._fail(SessionError(type(exc).__name__, str(exc)))
-                if ex.batch_full():
+                if throttled and ex.batch_full():
                     ex.end_batch()
                 continue
-            ex.end_batch()
+            if throttled:
+                ex.end_batch()
             if kind == m.CMD_BYE:
                 return True
             if kind in m.ANSWERED:
@@ -391,7 +393,7 @@ class Session:
                                "has no shared memory")
         mm = self.host_buffers.get(dest)
         try:
-            if nbytes > len(mm) - HostBuffers.HEADER:
+            if nbytes > HostBuffers.capacity(mm):
                 raise SessionError("ProtocolError", "upload larger than its host buffer")
             self.ex.check_alloc(nbytes)
             if self.device.type == "cpu":
@@ -469,7 +471,7 @@ class Session:
         False if the tensor does not fit it."""
         t = self.ex.fetchable(handle)
         nbytes = t.numel() * t.element_size()
-        if nbytes > len(mm) - HostBuffers.HEADER:
+        if nbytes > HostBuffers.capacity(mm):
             return False
         if nbytes:
             dst = HostBuffers.data(mm, nbytes)
