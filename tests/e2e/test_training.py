@@ -62,9 +62,22 @@ def test_amp_autocast_and_gradscaler_converge(pool, tmp_path: Path) -> None:
     assert float(scale) > 0
 
 
-def test_cuda_api_surface(pool, tmp_path: Path) -> None:
+# "1": the client's wrapped torch functions (the default); "0": a torch-function mode sees
+# every call of the process (the escape hatch, and what a compiling program runs with).
+@pytest.mark.parametrize("hooks", ["1", "0"])
+def test_cuda_api_surface(pool, tmp_path: Path, hooks: str) -> None:
     ctl, _ = pool
-    out = _result(run_script("cuda_api.py", client_env(ctl, tmp_path / "c", ORION_GMEM="3000")))
+    env = client_env(ctl, tmp_path / "c", ORION_GMEM="3000", ORION_TORCH_HOOKS=hooks)
+    out = _result(run_script("cuda_api.py", env))
+    assert out[-1] == "RESULT ok"
+
+
+@pytest.mark.parametrize("hooks", ["1", "0"])
+def test_torch_calls_reach_the_pool_with_or_without_a_process_mode(pool, tmp_path: Path,
+                                                                   hooks: str) -> None:
+    ctl, _ = pool
+    env = client_env(ctl, tmp_path / "c", ORION_TORCH_HOOKS=hooks)
+    out = _result(run_script("torch_hooks.py", env))
     assert out[-1] == "RESULT ok"
 
 

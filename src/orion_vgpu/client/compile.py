@@ -77,10 +77,8 @@ def install() -> None:
     _init_optimizers_with_mode()
     if "orion" not in torch._dynamo.list_backends(exclude_tags=()):
         torch._dynamo.register_backend(orion_backend, name="orion")
-    if cuda_api._mode is not None:
-        # The instance on the mode stack since activation; only its class changes, so the
-        # stack dynamo guards on stays the same object.
-        cuda_api._mode.__class__ = _CompilingMode
+    # Dynamo traces a torch-function mode, not the functions client/hooks.py wraps.
+    cuda_api.use_process_mode(_CompilingMode)
     _never_compile_frames(_CompilingMode.__torch_function__)
     _install_excepthook()
     # Dynamo's own decompositions call inductor's prims (addcmul_ -> inductor fma), which a

@@ -1,26 +1,28 @@
 """What the program sees of CUDA: ``torch.cuda.*``, ``torch.accelerator.*``, factories.
 
 ``activate()`` replaces the CUDA-facing functions of a CPU-only (or any) PyTorch with ones
-that answer for the granted vGPUs, and installs a torch-function mode that sends
-``device="cuda"`` tensor creation to the pool.
+that answer for the granted vGPUs, and wraps the torch functions that create tensors on a
+device (``device="cuda"``, ``.to("cuda")``...) so that they create them in the pool
+(client/hooks.py; ``VGPUMode`` does the same for every call where a mode is needed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from types import FunctionType
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
 
-from orion_vgpu.client import autocast, distributed, frontend, graphs
+from orion_vgpu.client import autocast, distributed, frontend, graphs, hooks
 from orion_vgpu.client.frontend import FactoryMode, RemoteTensor
 from orion_vgpu.client.runtime import get_runtime
 
 _active = False
-_mode: VGPUMode | None = None  # the mode of activate() (client/compile.py swaps its class)
+_mode: VGPUMode | None = None  # the process-wide mode, once there is one (use_process_mode)
 _autocast_on = torch.is_autocast_enabled
 # Calls a torch function without its torch-function check, so a mode can stay on inside it.
 _redispatch = getattr(torch.overrides, "redispatch_function", None)
@@ -54,7 +56,18 @@ def _local(idx: int) -> int:
 
 
 class VGPUMode(TorchFunctionMode):
-    """Routes device='cuda' creation to the pool; everything else passes straight through."""
+    """Routes device='cuda' creation to the pool; everything else passes straight through.
+
+    On in autocast("cuda") regions, and for the whole process once it compiles (or with
+    ``ORION_TORCH_HOOKS=0``); the wrappers of client/hooks.py step aside while it is on."""
+
+    def __enter__(self) -> VGPUMode:
+        hooks.depth.n += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        hooks.depth.n -= 1
+        super().__exit__(*exc)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
@@ -109,7 +122,30 @@ def _create(func: Any, args: tuple, kwargs: dict, idx: int) -> Any:
     if kwargs.get("pin_memory"):
         kwargs["pin_memory"] = False
     with FactoryMode(idx):
-        return func(*args, **kwargs)
+        return func(*_host_template(func, args, idx), **kwargs)
+
+
+# Factories that take a tensor as their template (its layout; its dtype by default).
+_LIKE = frozenset({torch.empty_like, torch.full_like, torch.ones_like, torch.rand_like,
+                   torch.randint_like, torch.randn_like, torch.zeros_like})
+_NEW = frozenset(getattr(torch.Tensor, name) for name in hooks.NEW_METHODS)
+
+
+def _host_template(func: Any, args: tuple, idx: int) -> tuple:
+    """``zeros_like(host_tensor, device="cuda")``, ``host_tensor.new_zeros(..., device=
+    "cuda")``: the template becomes a vGPU tensor of its layout (no data is sent), so the
+    op runs on the vGPU as it does for a vGPU template (the vGPU's random generator too)."""
+    t = args[0] if args else None
+    if not isinstance(t, torch.Tensor) or isinstance(t, RemoteTensor):
+        return args
+    meta = frontend.META_DEV[idx]
+    if func in _LIKE:
+        t = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=meta)
+    elif func in _NEW:
+        t = torch.empty(0, dtype=t.dtype, device=meta)
+    else:
+        return args
+    return (t, *args[1:])
 
 
 def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
@@ -227,6 +263,19 @@ def _unique(func: Any, args: tuple, kwargs: dict) -> Any:
     return result[0] if len(result) == 1 else tuple(result)
 
 
+def _unique_consecutive(func: Any, args: tuple, kwargs: dict) -> Any:
+    if not args or not isinstance(args[0], RemoteTensor):
+        return func(*args, **kwargs)
+    opts = {"return_inverse": False, "return_counts": False, "dim": None}
+    opts.update(dict(zip(opts, args[1:], strict=False)))
+    opts.update(kwargs)
+    inv, cnt = bool(opts["return_inverse"]), bool(opts["return_counts"])
+    out = frontend.dispatch(torch.ops.aten.unique_consecutive.default,
+                            (args[0], inv, cnt, opts["dim"]), {}, None)
+    result = [out[0]] + ([out[1]] if inv else []) + ([out[2]] if cnt else [])
+    return result[0] if len(result) == 1 else tuple(result)
+
+
 def _item(func: Any, args: tuple, kwargs: dict) -> Any:
     # Straight to the host copy: PyTorch's own path for item() on a Python tensor subclass
     # imports torch.distributed.tensor (seconds of start-up) to look for DTensors.
@@ -245,7 +294,7 @@ _TF_SPECIAL: dict[Any, Any] = {
     torch.Tensor.unique: _unique,
     torch._unique2: _direct_aten(torch.ops.aten._unique2.default),
     torch._unique: _direct_aten(torch.ops.aten._unique.default),
-    torch.unique_consecutive: _direct_aten(torch.ops.aten.unique_consecutive.default),
+    torch.unique_consecutive: _unique_consecutive,
     torch.nn.functional.scaled_dot_product_attention: _sdpa,
     torch.Tensor.to: _tensor_to,
     torch.Tensor.cuda: _tensor_cuda,
@@ -581,9 +630,30 @@ def activate() -> None:
     _skip_dtensor_check()
     _enable_foreach()
     _patch_compile()
+    hooks.wrap_device_context(_create, _cuda_index)
+    if os.environ.get("ORION_TORCH_HOOKS", "1").strip() == "0":
+        use_process_mode(VGPUMode)
+    else:
+        hooks.install(_create, _cuda_index, _TF_SPECIAL, VGPUMode)
+
+
+def use_process_mode(cls: type[VGPUMode]) -> None:
+    """A mode of class ``cls`` sees every torch call of this thread from now on, in place
+    of the wrappers (client/compile.py: dynamo traces a mode, not wrapped functions). An
+    existing process mode only changes class, so the stack dynamo guards on stays the same."""
     global _mode
-    _mode = VGPUMode()
-    _mode.__enter__()  # stays on for the life of the process
+    if _mode is not None:
+        _mode.__class__ = cls
+        return
+    hooks.remove()
+    _mode = cls()
+    hooks.depth.n += 1
+    # At the bottom of the stack, as at start-up, above only PyTorch's default-device mode
+    # (which requires the bottom): a region's mode above it may still pop its own.
+    stack = [_pop_mode() for _ in range(torch._C._len_torch_function_stack())][::-1]
+    keep = 1 if stack and type(stack[0]).__name__ == "DeviceContext" else 0
+    for m in (*stack[:keep], _mode, *stack[keep:]):
+        _push_mode(m)
 
 
 def _patch_compile() -> None:
@@ -594,6 +664,9 @@ def _patch_compile() -> None:
         return
 
     def compile(model: Any = None, **kwargs: Any) -> Any:  # noqa: A001  (torch's name)
+        # Before torch._dynamo loads: its tables must see PyTorch's own functions, not the
+        # wrappers of client/hooks.py (compile.install() then changes the mode's class).
+        use_process_mode(VGPUMode)
         from orion_vgpu.client import compile as vgpu_compile
         return vgpu_compile.compile(original, model, **kwargs)
 

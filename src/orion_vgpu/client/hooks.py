@@ -1,0 +1,184 @@
+"""How a program's torch calls reach the pool without a process-wide torch-function mode.
+
+Most calls need nothing from the client: ops on vGPU tensors reach
+``RemoteTensor.__torch_dispatch__`` and ops on host tensors stay on the host. A short list
+does: factories given ``device="cuda"``, ``Tensor.to``/``.cuda``/``.pin_memory``,
+``.item()``, unique and attention on vGPU tensors, ``with torch.device("cuda")``
+(``wrap_device_context``), and the autocast policy. A ``TorchFunctionMode`` would see every torch call of the process instead
+(about 2.3 µs each, host-side code included: an MLP training step makes 122, most of them
+property reads), so the listed functions are wrapped where PyTorch exposes them, and a
+``VGPUMode`` is on only where its rule is "every call": inside ``torch.autocast("cuda")``
+and, for the rest of the process, once it compiles (dynamo traces the mode; ``remove()``
+takes the wrappers away first). While a ``VGPUMode`` is on in a thread the wrappers step
+aside (``depth``), so each call is handled once, by the mode, as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# Factories of the torch namespace with a ``device`` argument (aten schemas with one, plus
+# the Python-data builders); tests/client/test_hooks.py checks the list against the torch
+# the client runs.
+FACTORIES = (
+    "arange", "as_tensor", "asarray", "bartlett_window", "blackman_window", "empty",
+    "empty_like", "empty_permuted", "empty_quantized", "empty_strided", "eye", "from_file",
+    "full", "full_like", "hamming_window", "hann_window", "kaiser_window", "linspace",
+    "logspace", "normal", "ones", "ones_like", "rand", "rand_like", "randint",
+    "randint_like", "randn", "randn_like", "randperm", "range", "scalar_tensor",
+    "sparse_bsc_tensor", "sparse_bsr_tensor", "sparse_compressed_tensor",
+    "sparse_coo_tensor", "sparse_csc_tensor", "sparse_csr_tensor", "tensor", "tril_indices",
+    "triu_indices", "zeros", "zeros_like",
+)
+FFT_FACTORIES = ("fftfreq", "rfftfreq")
+# Tensor methods that create a tensor on the device they are given.
+NEW_METHODS = ("new_empty", "new_empty_strided", "new_full", "new_ones", "new_tensor",
+               "new_zeros")
+
+Handler = Callable[[Any, tuple, dict], Any]
+Factory = Callable[[Any, tuple, dict, int], Any]
+
+
+class _Depth(threading.local):
+    n = 0  # VGPUModes on in this thread
+
+
+depth = _Depth()
+# (owner, name, original, whether the owner itself held it) for remove()
+_saved: list[tuple[Any, str, Any, bool]] = []
+
+
+def installed() -> bool:
+    return bool(_saved)
+
+
+def install(create: Factory, cuda_index: Callable[[Any], int | None],
+            special: dict[Any, Handler], autocast_mode: Callable[[], Any]) -> None:
+    """Wrap the functions that need the client. ``create(func, args, kwargs, idx)`` makes a
+    tensor on vGPU ``idx``; ``special`` maps original functions to handlers called as
+    ``handler(original, args, kwargs)``; ``autocast_mode()`` is the mode for autocast regions."""
+    if _saved:
+        return
+
+    def factory(orig: Any) -> Any:
+        def hook(*args: Any, **kwargs: Any) -> Any:
+            dev = kwargs.get("device")
+            if dev is None or depth.n:
+                return orig(*args, **kwargs)
+            idx = cuda_index(dev)
+            if idx is None:
+                return orig(*args, **kwargs)
+            return create(orig, args, kwargs, idx)
+        return hook
+
+    for name in FACTORIES:
+        _wrap(torch, name, factory)
+    for name in FFT_FACTORIES:
+        _wrap(torch.fft, name, factory)
+    for name in NEW_METHODS:
+        _wrap(torch.Tensor, name, factory)
+    for orig, handler in special.items():
+        for owner, name in _homes(orig):
+            _wrap(owner, name, functools.partial(_special, handler=handler))
+    _wrap_autocast(autocast_mode)
+
+
+def remove() -> None:
+    """Put every wrapped function back as PyTorch had it."""
+    while _saved:
+        owner, name, orig, own = _saved.pop()
+        if own:
+            setattr(owner, name, orig)
+        else:
+            delattr(owner, name)
+
+
+def _special(orig: Any, handler: Handler) -> Any:
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        if depth.n:
+            return orig(*args, **kwargs)
+        return handler(orig, args, kwargs)
+    return hook
+
+
+def _wrap(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+    orig = getattr(owner, name, None)
+    if orig is None:  # another PyTorch without it
+        return
+    hook = make(orig)
+    functools.update_wrapper(hook, orig)
+    _saved.append((owner, name, orig, name in vars(owner)))
+    setattr(owner, name, hook)
+
+
+def _homes(orig: Any) -> list[tuple[Any, str]]:
+    """Where a program finds ``orig``: the torch namespace, Tensor, torch.nn.functional."""
+    name = getattr(orig, "__name__", None)
+    if name is None:
+        return []
+    homes = []
+    for owner in (torch, torch.Tensor, torch.nn.functional):
+        if getattr(owner, name, None) is orig:
+            homes.append((owner, name))
+    return homes
+
+
+def wrap_device_context(create: Factory, cuda_index: Callable[[Any], int | None]) -> None:
+    """``with torch.device("cuda")`` / ``torch.set_default_device("cuda")``: PyTorch's own
+    mode adds the device to a factory call that has none, and the call goes to the pool.
+    For the life of the process (a VGPUMode above PyTorch's mode passes such a call on as
+    it came), and before install(): the constructors PyTorch caches are its originals."""
+    try:
+        from torch.utils._device import DeviceContext, _device_constructors
+    except ImportError:
+        return
+    orig = DeviceContext.__torch_function__
+    if getattr(orig, "_orion_vgpu", False):
+        return
+    constructors = frozenset(_device_constructors())
+
+    def __torch_function__(self: Any, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        if (self.device.type == "cuda" and func in constructors
+                and (not kwargs or kwargs.get("device") is None)):
+            idx = cuda_index(self.device)
+            if idx is not None:
+                return create(func, args, {**(kwargs or {}), "device": self.device}, idx)
+        return orig(self, func, types, args, kwargs)
+
+    __torch_function__._orion_vgpu = True  # type: ignore[attr-defined]
+    DeviceContext.__torch_function__ = __torch_function__  # type: ignore[method-assign]
+
+
+def _wrap_autocast(autocast_mode: Callable[[], Any]) -> None:
+    """A VGPUMode for the length of each ``torch.autocast("cuda")`` region (the casting
+    policy applies to every call there); None marks an entry that pushed none."""
+    cls = torch.amp.autocast_mode.autocast
+
+    def make_enter(orig: Any) -> Any:
+        def __enter__(self: Any) -> Any:
+            out = orig(self)
+            mode = None
+            if getattr(self, "device", None) == "cuda" and not depth.n:
+                mode = autocast_mode()
+                mode.__enter__()
+            self.__dict__.setdefault("_orion_vgpu_modes", []).append(mode)
+            return out
+        return __enter__
+
+    def make_exit(orig: Any) -> Any:
+        def __exit__(self: Any, *exc: Any) -> Any:
+            modes = self.__dict__.get("_orion_vgpu_modes")
+            mode = modes.pop() if modes else None
+            if mode is not None:
+                mode.__exit__(None, None, None)
+            return orig(self, *exc)
+        return __exit__
+
+    _wrap(cls, "__enter__", make_enter)
+    _wrap(cls, "__exit__", make_exit)

@@ -1,0 +1,94 @@
+# Where a vGPU program's torch calls go: wrapped functions, and a torch-function mode only
+# where one is needed (autocast("cuda") regions; the whole process once it compiles, or
+# with ORION_TORCH_HOOKS=0). Every check is an assert, "RESULT ok" at the end.
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import _get_current_function_mode_stack
+
+hooks = os.environ.get("ORION_TORCH_HOOKS", "1") != "0"
+
+
+def modes() -> list[str]:
+    return [type(m).__name__ for m in _get_current_function_mode_stack()]
+
+
+start = modes()
+assert start == ([] if hooks else ["VGPUMode"]), start
+made = {
+    "zeros": torch.zeros(2, device="cuda"),
+    "full": torch.full((2,), 3.0, device="cuda:0"),
+    "arange": torch.arange(4, device=torch.device("cuda")),
+    "tensor": torch.tensor([1.0, 2.0], device="cuda"),
+    "zeros_like": torch.zeros_like(torch.ones(3), device="cuda"),
+    "new_zeros": torch.ones(1).new_zeros(2, device="cuda"),
+    "fftfreq": torch.fft.fftfreq(4, device="cuda"),
+    "to": torch.ones(2).to("cuda"),
+    "to dtype": torch.ones(2).to("cuda", torch.float64),
+    "cuda": torch.ones(2).cuda(),
+    "module": torch.nn.Linear(2, 2).cuda().weight,
+}
+for name, t in made.items():
+    assert t.device.type == "cuda" and t.is_cuda, name
+assert made["to dtype"].dtype == torch.float64
+assert made["fftfreq"].cpu().tolist() == torch.fft.fftfreq(4).tolist()
+assert made["full"].cpu().tolist() == [3.0, 3.0]
+# Host tensors stay on the host.
+assert torch.zeros(2).device.type == "cpu"
+assert torch.ones(2).to(torch.float64).device.type == "cpu"
+assert torch.ones(1).new_zeros(2).device.type == "cpu"
+# Another thread creates vGPU tensors too (a torch-function mode is on in one thread only).
+if hooks:
+    out: list = []
+    th = threading.Thread(target=lambda: out.append(torch.ones(2, device="cuda")))
+    th.start()
+    th.join()
+    assert out and out[0].device.type == "cuda" and out[0].sum().item() == 2.0
+# The default device.
+torch.set_default_device("cuda")
+assert torch.ones(2).device.type == "cuda" and torch.randn(3).device.type == "cuda"
+torch.set_default_device(None)
+assert torch.ones(2).device.type == "cpu"
+# vGPU tensors: item, unique, attention, pinning.
+v = torch.tensor([3, 1, 3, 2], device="cuda")
+assert v[0].item() == 3
+assert torch.unique(v).tolist() == [1, 2, 3] and v.unique().tolist() == [1, 2, 3]
+assert torch.unique_consecutive(v).tolist() == [3, 1, 3, 2]
+w = torch.tensor([1, 1, 2, 2, 2, 1], device="cuda")
+vals, counts = torch.unique_consecutive(w, return_counts=True)
+assert vals.tolist() == [1, 2, 1] and counts.tolist() == [2, 3, 1]
+torch.manual_seed(0)
+q = torch.randn(1, 2, 4, 8)
+ref = F.scaled_dot_product_attention(q, q, q)
+got = F.scaled_dot_product_attention(q.cuda(), q.cuda(), q.cuda()).cpu()
+assert torch.allclose(ref, got, atol=1e-5)
+assert torch.ones(2).pin_memory().device.type == "cpu" and not torch.ones(2).is_pinned()
+# Autocast: a mode for the region, and gone after it.
+lin = torch.nn.Linear(4, 4).cuda()
+with torch.autocast("cuda", dtype=torch.float16):
+    assert modes().count("VGPUMode") == 1, modes()
+    y = lin(torch.randn(2, 4, device="cuda"))
+    assert y.dtype == torch.float16
+    with torch.autocast("cuda", enabled=False):
+        assert lin(torch.randn(2, 4, device="cuda")).dtype == torch.float32
+assert modes() == start, modes()
+
+
+@torch.autocast("cuda", dtype=torch.float16)
+def half(x: torch.Tensor) -> torch.Tensor:
+    return lin(x)
+
+
+assert half(torch.randn(2, 4, device="cuda")).dtype == torch.float16
+assert modes() == start, modes()
+# Compiling: the wrappers are taken away, one mode sees every call.
+assert (torch.zeros is not torch._C._VariableFunctions.zeros) == hooks
+f = torch.compile(lambda x: x * 2 + 1)
+assert f(torch.ones(2, device="cuda")).cpu().tolist() == [3.0, 3.0]
+assert torch.zeros is torch._C._VariableFunctions.zeros
+assert "to" not in vars(torch.Tensor)
+assert modes() == ["_CompilingMode"], modes()
+assert torch.zeros(2, device="cuda").device.type == "cuda"
+print("RESULT ok")
