@@ -88,7 +88,8 @@ def parse_dataplane(out: str) -> tuple[list[Row], list[str]]:
             v = float(m["v"])
             rows.append(row("client-side cost per tiny op, remote - local (us)", None, v,
                             "<= 15 us (#6)", v <= 15))
-    return rows, []
+    notes = [line for line in out.splitlines() if line.startswith("local baseline")]
+    return rows, notes
 
 
 def parse_controller(out: str) -> tuple[list[Row], list[str]]:
