@@ -144,6 +144,7 @@ class Plan:
         if throttle is not None:
             throttle.before_op()
         t0 = time.perf_counter()
+        busy0 = ex.busy_s
         try:
             for step in self.steps:
                 try:
@@ -153,9 +154,13 @@ class Plan:
                 except Exception as exc:  # an op's own error is the client's error
                     fail(SessionError(type(exc).__name__, str(exc)))
         finally:
+            spent = time.perf_counter() - t0
+            # The replay is the session's time on the device, as one graph launch is (ops
+            # written into their last outputs are not timed one by one).
+            ex.busy_s = busy0 + spent
             ex.throttle = throttle
             if throttle is not None:
-                throttle.after_op(time.perf_counter() - t0)
+                throttle.after_op(spent)
 
 
 class _CopyStep:
@@ -172,7 +177,7 @@ class _OpStep:
     """One op of the plan, and what its last run left (see the module's docstring)."""
 
     __slots__ = ("info", "op_id", "tmpl", "outs", "checked", "view", "out_call", "out_spec",
-                 "threads", "last_out", "out_kw", "last_in", "epoch")
+                 "threads", "last_out", "last_ids", "out_kw", "last_in", "epoch")
 
     def __init__(self, info: OpInfo, op_id: int, tmpl: _Template, outs: list) -> None:
         self.info, self.op_id, self.tmpl, self.outs = info, op_id, tmpl, outs
@@ -186,6 +191,7 @@ class _OpStep:
             self.out_call, self.out_spec = _out_overload(info)
         self.threads = 0       # shapes do not change between replays, nor an op's threads
         self.last_out: tuple | None = None  # the tensors its last run stored
+        self.last_ids: frozenset[int] = frozenset()  # their ids (_aliased)
         self.out_kw: dict[str, Any] = {}
         self.last_in: tuple = ()            # (view ops) the inputs of its last run
         self.epoch = -1                     # (view ops) Executor.meta_epoch after it
@@ -200,7 +206,7 @@ class _OpStep:
         if self.checked:
             ex.run(self.op_id, args, kwargs, self.outs)
             return
-        if bound and self.out_call is not None and not _aliased(args, last) \
+        if bound and self.out_call is not None and not _aliased(args, self.last_ids) \
                 and self._into_last(ex, args, kwargs, last):
             return
         if ex.threads > 1:
@@ -222,6 +228,7 @@ class _OpStep:
         if any(t is None for t in last):
             return
         self.last_out = last
+        self.last_ids = frozenset(id(t) for t in last)
         if self.view:
             self.last_in = tuple(a for a in args if isinstance(a, torch.Tensor))
             self.epoch = ex.meta_epoch
@@ -252,7 +259,6 @@ class _OpStep:
         shapes = last[0].shape if len(last) == 1 else [t.shape for t in last]
         if ex.threads > 1:
             ex.use_threads(self._threads(ex, args))
-        t0 = time.perf_counter()
         try:
             self.out_call(*args, **kwargs, **self.out_kw)
         except Exception:
@@ -260,8 +266,6 @@ class _OpStep:
             # which reports the op's own error if there is one.
             self.out_call = None
             return False
-        finally:
-            ex.busy_s += time.perf_counter() - t0
         ex.n_ops += 1
         if (last[0].shape != shapes if len(last) == 1
                 else any(t.shape != s for t, s in zip(last, shapes, strict=True))):
@@ -276,13 +280,13 @@ def _still_bound(tensors: dict[int, torch.Tensor], outs: list, last: tuple) -> b
     return all(tensors.get(h) is t for h, t in zip(outs, last, strict=True))
 
 
-def _aliased(args: list, outputs: tuple) -> bool:
+def _aliased(args: list, output_ids: frozenset[int]) -> bool:
     """An output tensor is also an argument (out= would read what it writes)."""
     for a in args:
         if type(a) is list:
-            if any(x is t for x in a for t in outputs):
+            if any(id(x) in output_ids for x in a):
                 return True
-        elif any(a is t for t in outputs):
+        elif id(a) in output_ids:
             return True
     return False
 
