@@ -96,6 +96,10 @@ def test_autocast_regions_get_a_mode(installed: Any) -> None:
     assert depth() == 0 and hooks.depth.n == 0
 
 
+def _plus_zeros(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.zeros(2)
+
+
 def test_remove_restores_what_torch_had() -> None:
     before = {"zeros": torch.zeros, "fft": torch.fft.fftfreq, "to": torch.Tensor.to,
               "new": torch.Tensor.new_zeros, "sdpa": torch.nn.functional.scaled_dot_product_attention,
@@ -108,7 +112,15 @@ def test_remove_restores_what_torch_had() -> None:
     assert hooks.installed() and torch.zeros is not before["zeros"]
     assert torch.Tensor.to is not before["to"]
     assert torch.ones(2).to(torch.float64).dtype == torch.float64
+    # TorchScript finds operators by identity: the wrapper compiles as aten::zeros.
+    from torch.jit._builtins import _find_builtin
+
+    hook = torch.zeros
+    assert _find_builtin(hook) == "aten::zeros"
+    scripted = torch.jit.script(_plus_zeros)
+    assert scripted(torch.ones(2)).tolist() == [1.0, 1.0]
     hooks.remove()
+    assert _find_builtin(hook) is None
     after = {"zeros": torch.zeros, "fft": torch.fft.fftfreq, "to": torch.Tensor.to,
              "new": torch.Tensor.new_zeros, "sdpa": torch.nn.functional.scaled_dot_product_attention,
              "enter": torch.amp.autocast_mode.autocast.__enter__}

@@ -49,8 +49,8 @@ class _Depth(threading.local):
 
 
 depth = _Depth()
-# (owner, name, original, whether the owner itself held it) for remove()
-_saved: list[tuple[Any, str, Any, bool]] = []
+# (owner, name, original, whether the owner itself held it, wrapper) for remove()
+_saved: list[tuple[Any, str, Any, bool, Any]] = []
 
 
 def installed() -> bool:
@@ -90,8 +90,11 @@ def install(create: Factory, cuda_index: Callable[[Any], int | None],
 
 def remove() -> None:
     """Put every wrapped function back as PyTorch had it."""
+    table = _script_builtins()
     while _saved:
-        owner, name, orig, own = _saved.pop()
+        owner, name, orig, own, hook = _saved.pop()
+        if table is not None:
+            table.pop(id(hook), None)
         if own:
             setattr(owner, name, orig)
         else:
@@ -112,8 +115,21 @@ def _wrap(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
         return
     hook = make(orig)
     functools.update_wrapper(hook, orig)
-    _saved.append((owner, name, orig, name in vars(owner)))
+    _saved.append((owner, name, orig, name in vars(owner), hook))
     setattr(owner, name, hook)
+    table = _script_builtins()
+    if table is not None and id(orig) in table:
+        # TorchScript resolves torch.zeros & co. by identity (a table built by import
+        # torch); the wrapper compiles as the operator it wraps.
+        table[id(hook)] = table[id(orig)]
+
+
+def _script_builtins() -> dict[int, str] | None:
+    try:
+        from torch.jit._builtins import _get_builtin_table
+    except ImportError:
+        return None
+    return _get_builtin_table()
 
 
 def _homes(orig: Any) -> list[tuple[Any, str]]:

@@ -65,6 +65,13 @@ ref = F.scaled_dot_product_attention(q, q, q)
 got = F.scaled_dot_product_attention(q.cuda(), q.cuda(), q.cuda()).cpu()
 assert torch.allclose(ref, got, atol=1e-5)
 assert torch.ones(2).pin_memory().device.type == "cpu" and not torch.ones(2).is_pinned()
+# TorchScript compiles the wrapped factories as the operators they wrap.
+@torch.jit.script
+def plus_zeros(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.zeros(2, dtype=x.dtype)
+
+
+assert plus_zeros(torch.ones(2)).tolist() == [1.0, 1.0]
 # Autocast: a mode for the region, and gone after it.
 lin = torch.nn.Linear(4, 4).cuda()
 with torch.autocast("cuda", dtype=torch.float16):
