@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from types import FunctionType
 from typing import Any
@@ -646,6 +647,7 @@ def use_process_mode(cls: type[VGPUMode]) -> None:
         _mode.__class__ = cls
         return
     hooks.remove()
+    _forget_wrapped_in_dynamo()
     _mode = cls()
     hooks.depth.n += 1
     # At the bottom of the stack, as at start-up, above only PyTorch's default-device mode
@@ -654,6 +656,15 @@ def use_process_mode(cls: type[VGPUMode]) -> None:
     keep = 1 if stack and type(stack[0]).__name__ == "DeviceContext" else 0
     for m in (*stack[:keep], _mode, *stack[keep:]):
         _push_mode(m)
+
+
+def _forget_wrapped_in_dynamo() -> None:
+    """Dynamo loaded before the wrappers went (a library imported it): its cached tables
+    of torch functions are rebuilt from PyTorch's own."""
+    rules = sys.modules.get("torch._dynamo.trace_rules")
+    clear = getattr(rules, "clear_lru_cache", None)
+    if clear is not None:
+        clear()
 
 
 def _patch_compile() -> None:

@@ -5,6 +5,7 @@ import os
 import threading
 
 import torch
+import torch._dynamo  # as a library may: dynamo loads while the wrappers are in place
 import torch.nn.functional as F
 from torch.overrides import _get_current_function_mode_stack
 
@@ -92,7 +93,7 @@ assert half(torch.randn(2, 4, device="cuda")).dtype == torch.float16
 assert modes() == start, modes()
 # Compiling: the wrappers are taken away, one mode sees every call.
 assert (torch.zeros is not torch._C._VariableFunctions.zeros) == hooks
-f = torch.compile(lambda x: x * 2 + 1)
+f = torch.compile(lambda x: x * 2 + torch.ones(2, device=x.device))
 assert f(torch.ones(2, device="cuda")).cpu().tolist() == [3.0, 3.0]
 assert torch.zeros is torch._C._VariableFunctions.zeros
 assert "to" not in vars(torch.Tensor)
