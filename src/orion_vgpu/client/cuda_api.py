@@ -73,6 +73,7 @@ class VGPUMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        func = hooks.ORIGINALS.get(func, func)
         if _autocast_on("cuda"):
             dtype = autocast.policy_dtype(func)
             if dtype is not None:
@@ -151,15 +152,17 @@ def _host_template(func: Any, args: tuple, idx: int) -> tuple:
 
 def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
     self = args[0]
-    parse_kwargs = {k: v for k, v in kwargs.items() if k != "copy"}
-    device, dtype, non_blocking, memfmt = torch._C._nn._parse_to(*args[1:], **parse_kwargs)
-    idx = _cuda_index(device) if device is not None else None
-    if idx is None:
-        return func(*args, **kwargs)
+    if len(args) > 1 and isinstance(args[1], RemoteTensor):
+        # .to(other): other's C++ device is meta:N, not what it reports
+        idx, dtype, memfmt = args[1]._dev, args[1].dtype, None
+    else:
+        parse_kwargs = {k: v for k, v in kwargs.items() if k != "copy"}
+        device, dtype, _, memfmt = torch._C._nn._parse_to(*args[1:], **parse_kwargs)
+        idx = _cuda_index(device) if device is not None else None
+        if idx is None:
+            return func(*args, **kwargs)
     if isinstance(self, RemoteTensor):
-        if self._dev != idx:
-            self = frontend.CrossDevice.apply(self, idx)
-        return self if dtype in (None, self.dtype) else self.to(dtype)
+        return _remote_to(self, idx, dtype, memfmt, bool(kwargs.get("copy")))
     new_kwargs: dict[str, Any] = {"device": frontend.META_DEV[idx]}
     if dtype is not None:
         new_kwargs["dtype"] = dtype
@@ -167,6 +170,34 @@ def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
         new_kwargs["memory_format"] = memfmt
     with FactoryMode(idx):
         return torch.Tensor.to(self, **new_kwargs)
+
+
+def _remote_to(t: RemoteTensor, idx: int, dtype: Any, memfmt: Any, copy: bool) -> Any:
+    out = t if t._dev == idx else frontend.CrossDevice.apply(t, idx)
+    if dtype not in (None, out.dtype):
+        out = out.to(dtype)
+    if copy and out is t:
+        out = t.clone()
+    if memfmt not in (None, torch.preserve_format):
+        out = out.contiguous(memory_format=memfmt)
+    return out
+
+
+def _new_tensor(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``t.new_tensor(data)`` on a vGPU (or with ``device="cuda"``): built from Python data
+    on the host, then uploaded, as torch.tensor (below every dispatch mode, the data would
+    not reach the pool)."""
+    self, dev = args[0], kwargs.get("device")
+    idx = _cuda_index(dev) if dev is not None else \
+        (self._dev if isinstance(self, RemoteTensor) else None)
+    if idx is None:
+        return func(*args, **kwargs)
+    kwargs = dict(kwargs, device="cpu")
+    if kwargs.get("dtype") is None:
+        kwargs["dtype"] = self.dtype
+    requires_grad = kwargs.pop("requires_grad", False)
+    out = frontend.upload(func(torch.empty(0, device="cpu"), *args[1:], **kwargs), idx)
+    return out.requires_grad_(True) if requires_grad else out
 
 
 def _tensor_cuda(func: Any, args: tuple, kwargs: dict) -> Any:
@@ -298,6 +329,7 @@ _TF_SPECIAL: dict[Any, Any] = {
     torch.unique_consecutive: _unique_consecutive,
     torch.nn.functional.scaled_dot_product_attention: _sdpa,
     torch.Tensor.to: _tensor_to,
+    torch.Tensor.new_tensor: _new_tensor,
     torch.Tensor.cuda: _tensor_cuda,
     torch.Tensor.pin_memory: _tensor_pin_memory,
     torch.Tensor.is_pinned: _tensor_is_pinned,
@@ -644,7 +676,8 @@ def use_process_mode(cls: type[VGPUMode]) -> None:
     existing process mode only changes class, so the stack dynamo guards on stays the same."""
     global _mode
     if _mode is not None:
-        _mode.__class__ = cls
+        if issubclass(cls, type(_mode)):  # never back from _CompilingMode to VGPUMode
+            _mode.__class__ = cls
         return
     hooks.remove()
     _forget_wrapped_in_dynamo()

@@ -37,8 +37,7 @@ FACTORIES = (
 )
 FFT_FACTORIES = ("fftfreq", "rfftfreq")
 # Tensor methods that create a tensor on the device they are given.
-NEW_METHODS = ("new_empty", "new_empty_strided", "new_full", "new_ones", "new_tensor",
-               "new_zeros")
+NEW_METHODS = ("new_empty", "new_empty_strided", "new_full", "new_ones", "new_zeros")
 
 Handler = Callable[[Any, tuple, dict], Any]
 Factory = Callable[[Any, tuple, dict, int], Any]
@@ -48,9 +47,18 @@ class _Depth(threading.local):
     n = 0  # VGPUModes on in this thread
 
 
+class _Regions(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[tuple[Any, Any]] = []  # (autocast, its VGPUMode or None), this thread
+
+
 depth = _Depth()
+_regions = _Regions()
 # (owner, name, original, whether the owner itself held it, wrapper) for remove()
 _saved: list[tuple[Any, str, Any, bool, Any]] = []
+# wrapper -> original: a mode is handed the wrapper for a Tensor method (PyTorch looks the
+# method up on torch.Tensor by name), and must see the original
+ORIGINALS: dict[Any, Any] = {}
 
 
 def installed() -> bool:
@@ -93,8 +101,8 @@ def remove() -> None:
     table = _script_builtins()
     while _saved:
         owner, name, orig, own, hook = _saved.pop()
-        if table is not None:
-            table.pop(id(hook), None)
+        ORIGINALS.pop(hook, None)
+        _script_forget(hook, table)
         if own:
             setattr(owner, name, orig)
         else:
@@ -115,13 +123,35 @@ def _wrap(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
         return
     hook = make(orig)
     functools.update_wrapper(hook, orig)
+    # Pickled by name (spawned processes, DataLoader arguments): the name must lead here.
+    if isinstance(owner, type):
+        hook.__module__, hook.__qualname__ = owner.__module__, f"{owner.__qualname__}.{name}"
+    else:
+        hook.__module__, hook.__qualname__ = owner.__name__, name
     _saved.append((owner, name, orig, name in vars(owner), hook))
+    ORIGINALS[hook] = orig
     setattr(owner, name, hook)
+    _script_learn(hook, orig)
+
+
+def _script_learn(hook: Any, orig: Any) -> None:
+    """TorchScript resolves torch.zeros & co. by identity (a table built by import torch),
+    and torch.unique & co. through their boolean dispatch: the wrapper compiles as what it
+    wraps."""
     table = _script_builtins()
     if table is not None and id(orig) in table:
-        # TorchScript resolves torch.zeros & co. by identity (a table built by import
-        # torch); the wrapper compiles as the operator it wraps.
         table[id(hook)] = table[id(orig)]
+    dispatched = getattr(torch._jit_internal, "boolean_dispatched", None)
+    if dispatched is not None and orig in dispatched:
+        dispatched[hook] = dispatched[orig]
+
+
+def _script_forget(hook: Any, table: dict[int, str] | None) -> None:
+    if table is not None:
+        table.pop(id(hook), None)
+    dispatched = getattr(torch._jit_internal, "boolean_dispatched", None)
+    if dispatched is not None:
+        dispatched.pop(hook, None)
 
 
 def _script_builtins() -> dict[int, str] | None:
@@ -183,16 +213,17 @@ def _wrap_autocast(autocast_mode: Callable[[], Any]) -> None:
             if getattr(self, "device", None) == "cuda" and not depth.n:
                 mode = autocast_mode()
                 mode.__enter__()
-            self.__dict__.setdefault("_orion_vgpu_modes", []).append(mode)
+            _regions.stack.append((self, mode))
             return out
         return __enter__
 
     def make_exit(orig: Any) -> Any:
         def __exit__(self: Any, *exc: Any) -> Any:
-            modes = self.__dict__.get("_orion_vgpu_modes")
-            mode = modes.pop() if modes else None
-            if mode is not None:
-                mode.__exit__(None, None, None)
+            stack = _regions.stack
+            if stack and stack[-1][0] is self:
+                mode = stack.pop()[1]
+                if mode is not None:
+                    mode.__exit__(None, None, None)
             return orig(self, *exc)
         return __exit__
 

@@ -1,7 +1,9 @@
 # Where a vGPU program's torch calls go: wrapped functions, and a torch-function mode only
 # where one is needed (autocast("cuda") regions; the whole process once it compiles, or
 # with ORION_TORCH_HOOKS=0). Every check is an assert, "RESULT ok" at the end.
+import functools
 import os
+import pickle
 import threading
 
 import torch
@@ -66,13 +68,30 @@ ref = F.scaled_dot_product_attention(q, q, q)
 got = F.scaled_dot_product_attention(q.cuda(), q.cuda(), q.cuda()).cpu()
 assert torch.allclose(ref, got, atol=1e-5)
 assert torch.ones(2).pin_memory().device.type == "cpu" and not torch.ones(2).is_pinned()
-# TorchScript compiles the wrapped factories as the operators they wrap.
+# new_tensor builds from its data; .to(other) and copy=True as PyTorch defines them.
+assert torch.ones(1).new_tensor([1.0, 2.0], device="cuda").cpu().tolist() == [1.0, 2.0]
+nt = made["zeros"].new_tensor([5.0, 6.0])
+assert nt.device.type == "cuda" and nt.cpu().tolist() == [5.0, 6.0]
+to_other = torch.tensor([7.0]).to(made["zeros"])
+assert to_other.device.type == "cuda" and to_other.cpu().tolist() == [7.0]
+same = made["zeros"]
+assert same.to("cuda") is same and same.to("cuda", copy=True) is not same
+# Wrapped functions pickle by name, as PyTorch's own (spawned processes, DataLoader args).
+assert pickle.loads(pickle.dumps(functools.partial(torch.ones, 2)))().tolist() == [1.0, 1.0]
+assert pickle.loads(pickle.dumps(torch.Tensor.new_zeros)) is torch.Tensor.new_zeros
+# TorchScript compiles the wrapped functions as the operators they wrap.
 @torch.jit.script
 def plus_zeros(x: torch.Tensor) -> torch.Tensor:
     return x + torch.zeros(2, dtype=x.dtype)
 
 
+@torch.jit.script
+def uniques(x: torch.Tensor) -> torch.Tensor:
+    return torch.unique(x)
+
+
 assert plus_zeros(torch.ones(2)).tolist() == [1.0, 1.0]
+assert uniques(torch.tensor([2, 1, 2])).tolist() == [1, 2]
 # Autocast: a mode for the region, and gone after it.
 lin = torch.nn.Linear(4, 4).cuda()
 with torch.autocast("cuda", dtype=torch.float16):
@@ -81,6 +100,10 @@ with torch.autocast("cuda", dtype=torch.float16):
     assert y.dtype == torch.float16
     with torch.autocast("cuda", enabled=False):
         assert lin(torch.randn(2, 4, device="cuda")).dtype == torch.float32
+    # Tensor methods reach the mode as PyTorch looks them up: by name, on torch.Tensor.
+    assert torch.ones(2).to("cuda").device.type == "cuda"
+    assert torch.ones(2).cuda().device.type == "cuda"
+    assert v.unique().tolist() == [1, 2, 3] and v[0].item() == 3
 assert modes() == start, modes()
 
 
@@ -97,6 +120,9 @@ f = torch.compile(lambda x: x * 2 + torch.ones(2, device=x.device))
 assert f(torch.ones(2, device="cuda")).cpu().tolist() == [3.0, 3.0]
 assert torch.zeros is torch._C._VariableFunctions.zeros
 assert "to" not in vars(torch.Tensor)
+assert modes() == ["_CompilingMode"], modes()
+g = torch.compile(lambda x: x - torch.ones(2, device=x.device))  # a second compile
+assert g(torch.ones(2, device="cuda")).cpu().tolist() == [0.0, 0.0]
 assert modes() == ["_CompilingMode"], modes()
 assert torch.zeros(2, device="cuda").device.type == "cuda"
 print("RESULT ok")
