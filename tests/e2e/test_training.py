@@ -72,13 +72,16 @@ def test_cuda_api_surface(pool, tmp_path: Path, hooks: str) -> None:
     assert out[-1] == "RESULT ok"
 
 
-@pytest.mark.parametrize("hooks", ["1", "0"])
+@pytest.mark.parametrize("hooks", ["1", "0", "yes"])
 def test_torch_calls_reach_the_pool_with_or_without_a_process_mode(pool, tmp_path: Path,
                                                                    hooks: str) -> None:
     ctl, _ = pool
     env = client_env(ctl, tmp_path / "c", ORION_TORCH_HOOKS=hooks)
-    out = _result(run_script("torch_hooks.py", env))
-    assert out[-1] == "RESULT ok"
+    proc = run_script("torch_hooks.py", env)
+    assert _result(proc)[-1] == "RESULT ok"
+    # A value that is neither: one line says so, and the default (wrappers) is used.
+    warned = "ORION_TORCH_HOOKS='yes' is not 0 or 1; using 1" in proc.stderr
+    assert warned == (hooks == "yes"), proc.stderr
 
 
 def test_two_vgpus_on_two_gpus(pool, tmp_path: Path) -> None:

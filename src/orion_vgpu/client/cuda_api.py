@@ -664,10 +664,18 @@ def activate() -> None:
     _enable_foreach()
     _patch_compile()
     hooks.wrap_device_context(_create, _cuda_index)
-    if os.environ.get("ORION_TORCH_HOOKS", "1").strip() == "0":
+    if not _hooks_wanted():
         use_process_mode(VGPUMode)
     else:
         hooks.install(_create, _cuda_index, _TF_SPECIAL, VGPUMode)
+
+
+def _hooks_wanted() -> bool:
+    raw = os.environ.get("ORION_TORCH_HOOKS", "").strip()
+    if raw not in ("", "0", "1"):
+        print(f"orion-vgpu: ORION_TORCH_HOOKS={raw!r} is not 0 or 1; using 1 (wrapped torch "
+              "functions). Set 0 for a torch-function mode on every call.", file=sys.stderr)
+    return raw != "0"
 
 
 def use_process_mode(cls: type[VGPUMode]) -> None:
