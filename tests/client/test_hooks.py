@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from orion_vgpu.client import hooks
+from orion_vgpu.client import cuda_api, hooks
 
 
 def _schema_factories() -> set[str]:
@@ -44,22 +44,13 @@ def installed() -> Any:
         seen.append("item")
         return func(*args, **kwargs)
 
-    class Mode(torch.overrides.TorchFunctionMode):
-        def __enter__(self) -> Any:
-            hooks.depth.n += 1
-            return super().__enter__()
-
-        def __exit__(self, *exc: Any) -> None:
-            hooks.depth.n -= 1
-            super().__exit__(*exc)
-
     from torch.utils._device import DeviceContext
 
     originals = {"zeros": torch.zeros, "item": torch.Tensor.item,
                  "enter": torch.amp.autocast_mode.autocast.__enter__,
                  "device": DeviceContext.__torch_function__}
     hooks.wrap_device_context(create, index)  # for the process, as the client does
-    hooks.install(create, index, {torch.Tensor.item: item}, Mode)
+    hooks.install(create, index, {torch.Tensor.item: item}, cuda_api.VGPUMode)
     try:
         yield made, seen, originals
     finally:

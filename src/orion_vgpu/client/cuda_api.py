@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
+from torch.utils._device import DeviceContext
 
 from orion_vgpu.client import autocast, distributed, frontend, graphs, hooks
 from orion_vgpu.client.frontend import FactoryMode, RemoteTensor
@@ -114,12 +115,9 @@ _HOST_BUILT = frozenset({torch.tensor, torch.as_tensor, torch.asarray})
 
 
 def _create(func: Any, args: tuple, kwargs: dict, idx: int) -> Any:
-    kwargs = dict(kwargs)
     if func in _HOST_BUILT:
-        kwargs["device"] = "cpu"
-        requires_grad = kwargs.pop("requires_grad", False)
-        out = frontend.upload(func(*args, **kwargs), idx)
-        return out.requires_grad_(True) if requires_grad else out
+        return _built_on_host(func, args, kwargs, idx)
+    kwargs = dict(kwargs)
     kwargs["device"] = frontend.META_DEV[idx]
     if kwargs.get("pin_memory"):
         kwargs["pin_memory"] = False
@@ -131,6 +129,13 @@ def _create(func: Any, args: tuple, kwargs: dict, idx: int) -> Any:
 _LIKE = frozenset({torch.empty_like, torch.full_like, torch.ones_like, torch.rand_like,
                    torch.randint_like, torch.randn_like, torch.zeros_like})
 _NEW = frozenset(getattr(torch.Tensor, name) for name in hooks.NEW_METHODS)
+
+
+def _built_on_host(func: Any, args: tuple, kwargs: dict, idx: int) -> Any:
+    kwargs = dict(kwargs, device="cpu")
+    requires_grad = kwargs.pop("requires_grad", False)
+    out = frontend.upload(func(*args, **kwargs), idx)
+    return out.requires_grad_(True) if requires_grad else out
 
 
 def _host_template(func: Any, args: tuple, idx: int) -> tuple:
@@ -192,12 +197,9 @@ def _new_tensor(func: Any, args: tuple, kwargs: dict) -> Any:
         (self._dev if isinstance(self, RemoteTensor) else None)
     if idx is None:
         return func(*args, **kwargs)
-    kwargs = dict(kwargs, device="cpu")
     if kwargs.get("dtype") is None:
-        kwargs["dtype"] = self.dtype
-    requires_grad = kwargs.pop("requires_grad", False)
-    out = frontend.upload(func(torch.empty(0, device="cpu"), *args[1:], **kwargs), idx)
-    return out.requires_grad_(True) if requires_grad else out
+        kwargs = dict(kwargs, dtype=self.dtype)
+    return _built_on_host(func, (torch.empty(0, device="cpu"), *args[1:]), kwargs, idx)
 
 
 def _tensor_cuda(func: Any, args: tuple, kwargs: dict) -> Any:
@@ -694,7 +696,7 @@ def use_process_mode(cls: type[VGPUMode]) -> None:
     # At the bottom of the stack, as at start-up, above only PyTorch's default-device mode
     # (which requires the bottom): a region's mode above it may still pop its own.
     stack = [_pop_mode() for _ in range(torch._C._len_torch_function_stack())][::-1]
-    keep = 1 if stack and type(stack[0]).__name__ == "DeviceContext" else 0
+    keep = 1 if stack and isinstance(stack[0], DeviceContext) else 0
     for m in (*stack[:keep], _mode, *stack[keep:]):
         _push_mode(m)
 
