@@ -4,7 +4,10 @@
 
 Prints the client-side cost per tiny op and the training-step ratios remote/local (MLP,
 CNN, small transformer). The local figure of each row is the faster of two OpenMP wait
-policies (``local_envs``); both medians are printed as "local baseline" lines.
+policies (``local_envs``); both medians are printed as "local baseline" lines. The MLP's
+graph rows replay a captured step with capturable Adam, fused (PyTorch's recommended
+optimizer for CUDA graphs) or for-each; their local figure is the faster of Adam's
+default and fused implementations run eagerly.
 """
 
 from __future__ import annotations
@@ -44,22 +47,25 @@ def local_envs(env: dict[str, str]) -> dict[str, dict[str, str]]:
 
 
 def paired(local_env: dict[str, str], remote_env: dict[str, str], args: tuple[str, ...],
-           field: str, repeat: int, remote_args: tuple[str, ...] | None = None
-           ) -> tuple[float, float]:
+           field: str, repeat: int, remote_args: tuple[str, ...] | None = None,
+           other_local: tuple[tuple[str, ...], ...] = ()) -> tuple[float, float]:
     """Medians of alternating local and remote runs, so both see the same machine state;
-    the local figure is the faster wait policy's median (``local_envs``).
+    the local figure is the fastest median among the wait policies (``local_envs``) and
+    the local workloads (``args`` and ``other_local``: other ways to run the same step).
 
     The local side always runs eagerly (``args``); ``remote_args`` may differ (graphs)."""
     envs = local_envs(local_env)
-    loc: dict[str, list[float]] = {name: [] for name in envs}
+    variants = {f"{' '.join(a)}, {name}": (env, a) for a in (args, *other_local)
+                for name, env in envs.items()}
+    loc: dict[str, list[float]] = {name: [] for name in variants}
     rem = []
     for _ in range(repeat):
-        for name, env in envs.items():
-            loc[name].append(run(env, *args)[field])
+        for name, (env, a) in variants.items():
+            loc[name].append(run(env, *a)[field])
         rem.append(run(remote_env, *(remote_args or args))[field])
     meds = {name: statistics.median(v) for name, v in loc.items()}
-    print(f"local baseline, workloads.py {' '.join(args)} ({field}): "
-          + ", ".join(f"{n} {v:.3f}" for n, v in meds.items()), flush=True)
+    print(f"local baseline ({field}; remote: workloads.py {' '.join(remote_args or args)}): "
+          + "; ".join(f"{n} {v:.3f}" for n, v in meds.items()), flush=True)
     return min(meds.values()), statistics.median(rem)
 
 
@@ -76,9 +82,15 @@ def main() -> None:
              *paired(local_env, env, ("tiny", str(a.ops)), "us_per_op", a.repeat)),
             ("MLP 4x64 step, eager (ms)",
              *paired(local_env, env, ("mlp", "100"), "ms_per_step", a.repeat)),
+            # Against local eager at its fastest: Adam's default or fused implementation.
             ("MLP 4x64 step, graph replay (ms)",
              *paired(local_env, env, ("mlp", "100"), "ms_per_step", a.repeat,
-                     remote_args=("mlp_graph", "100"))),
+                     remote_args=("mlp_graph_fused", "100"),
+                     other_local=(("mlp_fused", "100"),))),
+            ("MLP 4x64 step, graphed, for-each Adam (ms)",
+             *paired(local_env, env, ("mlp", "100"), "ms_per_step", a.repeat,
+                     remote_args=("mlp_graph", "100"),
+                     other_local=(("mlp_fused", "100"),))),
             ("CNN train step b64 32x32 (ms)",
              *paired(local_env, env, ("cnn", str(a.steps)), "ms_per_step", a.repeat)),
             ("transformer 2x128 step b16 (ms)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def _throttle_conf(level: int | None, enabled: bool) -> str:
 @contextmanager
 def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
                throttle_level: int | None = None, throttle: bool = True) -> Iterator[dict[str, str]]:
-    """Yield the environment a client needs; everything is killed on exit.
+    """Yield the environment a client needs; everything is killed on exit and its
+    directory removed (kept with ORION_BENCH_KEEP=1).
 
     ``throttle_level`` writes ``[throttle] throttle_level`` into server.conf; ``throttle``
     False writes ``enable_computation_throttle = false`` (no compute share at all).
@@ -96,3 +98,5 @@ def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if os.environ.get("ORION_BENCH_KEEP") != "1":  # its database and logs, for a look
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -66,14 +66,15 @@ def cnn_step(steps: int) -> dict:
     return {"ms_per_step": statistics.median(times) * 1e3}
 
 
-def mlp_step(steps: int, graph: bool = False) -> dict:
-    """4-layer MLP of width 64: forward, backward, Adam step (op-bound)."""
+def mlp_step(steps: int, graph: bool = False, fused: bool = False) -> dict:
+    """4-layer MLP of width 64: forward, backward, Adam step (op-bound). ``fused``: Adam's
+    one-kernel implementation (PyTorch's own choice for CUDA graphs), else its default."""
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for _ in range(4):
         layers += [nn.Linear(64, 64), nn.ReLU()]
     model = nn.Sequential(*layers).to(DEV)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graph)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graph, fused=fused or None)
     x, y = torch.randn(32, 64).to(DEV), torch.randn(32, 64).to(DEV)
 
     def step() -> torch.Tensor:
@@ -136,7 +137,10 @@ def xfmr_step(steps: int) -> dict:
 if __name__ == "__main__":
     kind, n = sys.argv[1], int(sys.argv[2])
     kinds = {"tiny": tiny_ops, "cnn": cnn_step, "mlp": mlp_step,
-             "mlp_graph": lambda k: mlp_step(k, graph=True), "xfmr": xfmr_step}
+             "mlp_fused": lambda k: mlp_step(k, fused=True),
+             "mlp_graph": lambda k: mlp_step(k, graph=True),
+             "mlp_graph_fused": lambda k: mlp_step(k, graph=True, fused=True),
+             "xfmr": xfmr_step}
     out = kinds[kind](n)
     out["device"] = DEV
     print(json.dumps(out))

@@ -114,10 +114,13 @@ def test_data_parallel_matches_single_device(pool, tmp_path: Path) -> None:
     assert "Warning" not in proc.stderr
 
 
-def test_cuda_graph_capture_and_replay(pool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("adam", ["foreach", "fused"])
+def test_cuda_graph_capture_and_replay(pool, tmp_path: Path, adam: str) -> None:
+    """Replays equal the same steps run locally, with either capturable Adam: for-each
+    (a dozen ops per step) or fused (one _fused_adam_ for all parameters)."""
     ctl, _ = pool
-    eager = _result(run_local("graph_train.py", "eager"))[-1].split()[1:]
-    proc = run_script("graph_train.py", client_env(ctl, tmp_path / "c"), "graph")
+    eager = _result(run_local("graph_train.py", "eager", adam))[-1].split()[1:]
+    proc = run_script("graph_train.py", client_env(ctl, tmp_path / "c"), "graph", adam)
     graph = _result(proc)[-1].split()[1:]
     assert len(graph) == len(eager) == 12
     # capturable Adam does its step arithmetic in tensors: equal to ~1e-6, not bit-exact

@@ -1,16 +1,19 @@
 # CUDA-graph training (the recipe of PyTorch's docs): capture one step, replay it; the
-# result equals the same steps run eagerly.
+# result equals the same steps run eagerly. argv: eager|graph [foreach|fused] (Adam's
+# implementation; fused is one kernel per step for all parameters).
 import sys
 
 import torch
 import torch.nn as nn
 
 mode = sys.argv[1]
+fused = sys.argv[2:] == ["fused"]
 device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                       nn.Linear(64, 1)).to(device)
-opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=(mode == "graph"))
+opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=(mode == "graph"),
+                       fused=fused or None)
 data = [(torch.randn(32, 16), torch.randn(32, 1)) for _ in range(12)]
 static_x, static_y = data[0][0].to(device), data[0][1].to(device)
 losses = []
