@@ -463,8 +463,9 @@ _PLAIN = frozenset({int, bool, type(None), str, torch.dtype, torch.layout, torch
 
 def _enc_fast(args: tuple, kwargs: dict, value_keyed: bool) -> tuple | None:
     """What a _Walk gives for the usual arguments (vGPU tensors, scalars, dtypes, lists of
-    ints), in one loop without building one: (enc_args, akey, enc_kw, kkey, dev, inputs).
-    None when an argument needs the full walk (host tensors, devices, tensor lists, ...)."""
+    ints, of vGPU tensors or of floats), in one loop without building one: the same
+    (enc_args, akey, enc_kw, kkey, dev, inputs), so both share the meta cache's entries.
+    None when an argument needs the full walk (host tensors, devices, mixed lists, ...)."""
     encs: list = []
     keys: list = []
     inputs: list = []
@@ -485,12 +486,36 @@ def _enc_fast(args: tuple, kwargs: dict, value_keyed: bool) -> tuple | None:
         elif t is float:
             encs.append(a)
             keys.append(a if value_keyed else float)
-        elif t is list:  # sizes, dims: ints only here (a loop, not a generator: cheaper)
-            for x in a:
-                if type(x) is not int:
-                    return None
-            encs.append(a)
-            keys.append(tuple(a))
+        elif t is list:
+            if not a or type(a[0]) is int:  # sizes, dims (a loop, not a generator: cheaper)
+                for x in a:
+                    if type(x) is not int:
+                        return None
+                encs.append(a)
+                keys.append(tuple(a))
+            elif type(a[0]) is RemoteTensor:  # a _foreach_ op's tensors
+                lencs = []
+                lkeys = []
+                for x in a:
+                    if type(x) is not RemoteTensor:
+                        return None
+                    if x._dev != dev:
+                        if dev is not None:
+                            return None
+                        dev = x._dev
+                    inputs.append(x)
+                    lencs.append(x._ext)
+                    lkeys.append(x._key)
+                encs.append(lencs)
+                keys.append(tuple(lkeys))
+            elif type(a[0]) is float and not value_keyed:  # a _foreach_ op's scalars
+                for x in a:
+                    if type(x) is not float:
+                        return None
+                encs.append(a)
+                keys.append((float,) * len(a))
+            else:
+                return None
         else:
             return None
     if not kwargs:
