@@ -69,7 +69,10 @@ def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
     tmp = Path(tempfile.mkdtemp(prefix="orion-bench-"))
     cport, sport = _port(), _port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
-    env = dict(base, ORION_HOME=str(tmp / "home"))
+    # The emulated device's knobs (ORION_EMULATED_*) are oriond's, not a client's: they
+    # reach the daemons, so that a benchmark can be rerun with them.
+    env = dict(base, ORION_HOME=str(tmp / "home"),
+               **{k: v for k, v in os.environ.items() if k.startswith("ORION_EMULATED_")})
     procs = [subprocess.Popen([sys.executable, "-m", "orion_vgpu.controller", "--listen",
                                f"127.0.0.1:{cport}", "--data-dir", str(tmp / "ctl"),
                                "--auth", "open"],
