@@ -84,6 +84,16 @@ def test_torch_calls_reach_the_pool_with_or_without_a_process_mode(pool, tmp_pat
     assert warned == (hooks == "yes"), proc.stderr
 
 
+def test_deepcopy_of_models_state_and_tensors_matches_local(pool, tmp_path: Path) -> None:
+    """copy.deepcopy of a model, its state dict, its optimizer's state and a tensor with a
+    gradient, on a vGPU: every printed result equal to the same script's run locally."""
+    ctl, _ = pool
+    local = _result(run_local("deepcopy.py"))
+    remote = _result(run_script("deepcopy.py", client_env(ctl, tmp_path / "c")))
+    assert remote == local
+    assert "RESULT resumed equal True" in remote and "RESULT copy unchanged True" in remote
+
+
 def test_two_vgpus_on_two_gpus(pool, tmp_path: Path) -> None:
     """Seed 001: ORION_VGPU=2, ORION_GMEM=12000 on 16 GiB GPUs puts one vGPU on each card."""
     ctl, _ = pool

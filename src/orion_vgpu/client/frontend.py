@@ -9,6 +9,7 @@ without waiting for it.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import secrets
 import struct
@@ -85,6 +86,40 @@ class RemoteTensor(torch.Tensor):
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return _repr(self)
 
+    def __copy__(self) -> RemoteTensor:
+        """copy.copy: a tensor sharing this one's memory on the same vGPU, as PyTorch's
+        (which rebuilds it from the storage: this one's __reduce_ex__ is for torch.save
+        and would give a host copy)."""
+        new = self.detach()
+        if self.requires_grad:
+            new.requires_grad_(True)
+        for name, value in self.__dict__.items():
+            if name not in _OWN_ATTRS:
+                setattr(new, name, value)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> RemoteTensor:
+        """A copy on the same vGPU with its own handle (copy.deepcopy of a model, of a state
+        dict, of an optimizer's state). PyTorch's own copies the storage, which a wrapper
+        has not, and then this tensor's __dict__, handle included."""
+        if id(self) in memo:
+            return memo[id(self)]
+        if not self.is_leaf:
+            raise RuntimeError("Only Tensors created explicitly by the user (graph leaves) "
+                               "support the deepcopy protocol at the moment.")
+        with torch.no_grad():
+            new = self.clone()
+        if self.requires_grad:
+            new.requires_grad_(True)
+        memo[id(self)] = new
+        # As nn.Parameter.__deepcopy__: a parameter's copy comes without its gradient.
+        if self.grad is not None and not self.__dict__.get("_is_param"):
+            new.grad = copy.deepcopy(self.grad, memo)
+        for name, value in self.__dict__.items():  # e.g. _is_param, a user's attributes
+            if name not in _OWN_ATTRS:
+                setattr(new, name, copy.deepcopy(value, memo))
+        return new
+
     def __reduce_ex__(self, proto: Any) -> Any:
         host = self.detach().cpu()
         _saved_cuda[host.untyped_storage()._cdata] = self._dev
@@ -98,6 +133,7 @@ class RemoteTensor(torch.Tensor):
         return dispatch(func, args, kwargs or {}, None)
 
 
+_OWN_ATTRS = frozenset({"_h", "_dev", "_ext", "_key", "_st"})  # set by wrap()
 _saved_cuda: dict[int, int] = {}
 _make = torch.Tensor._make_wrapper_subclass
 # Bytes of live storages per vGPU, as the program holds them: instant memory_allocated()
