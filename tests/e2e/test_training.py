@@ -94,6 +94,17 @@ def test_deepcopy_of_models_state_and_tensors_matches_local(pool, tmp_path: Path
     assert "RESULT resumed equal True" in remote and "RESULT copy unchanged True" in remote
 
 
+@pytest.mark.parametrize("hooks", ["1", "0"])
+def test_indexing_matches_local(pool, tmp_path: Path, hooks: str) -> None:
+    """Index lists, host index tensors and masks, numbers assigned into slices, one_hot:
+    the same results as the script run locally (they failed or lost values on a vGPU)."""
+    ctl, _ = pool
+    local = _result(run_local("indexing.py"))
+    env = client_env(ctl, tmp_path / "c", ORION_TORCH_HOOKS=hooks)
+    remote = _result(run_script("indexing.py", env))
+    assert len(remote) == 14 and remote == local
+
+
 def test_two_vgpus_on_two_gpus(pool, tmp_path: Path) -> None:
     """Seed 001: ORION_VGPU=2, ORION_GMEM=12000 on 16 GiB GPUs puts one vGPU on each card."""
     ctl, _ = pool

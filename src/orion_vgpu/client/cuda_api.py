@@ -218,6 +218,28 @@ def _tensor_is_pinned(func: Any, args: tuple, kwargs: dict) -> Any:
     return False
 
 
+def _one_hot(func: Any, args: tuple, kwargs: dict) -> Any:
+    """F.one_hot as PyTorch computes it for a CUDA tensor (its C++ version makes the result
+    on the wrapper's "meta" device): zeros, then a scatter of ones; the class count read
+    from the data only when not given; out-of-range classes fail in the kernel."""
+    names = ("tensor", "num_classes")
+    a = dict(zip(names, args, strict=False))
+    a.update(kwargs)
+    t, num_classes = a.get("tensor"), a.get("num_classes", -1)
+    if not isinstance(t, RemoteTensor):
+        return func(*args, **kwargs)
+    if t.dtype != torch.int64:
+        raise RuntimeError("one_hot is only applicable to index tensor of type LongTensor.")
+    if num_classes == -1:
+        if t.numel() == 0:
+            raise RuntimeError("Can not infer total number of classes from empty tensor.")
+        num_classes = int(t.max().item()) + 1
+    if num_classes < 0:
+        raise RuntimeError("num_classes should be positive")
+    out = t.new_zeros((*t.shape, num_classes))  # not a device= factory: no mode is on here
+    return out.scatter_(-1, t.unsqueeze(-1), 1) if t.numel() else out
+
+
 _sdp_choices: dict[tuple, int] = {}
 _FLASH = 1  # torch.nn.attention.SDPBackend.FLASH_ATTENTION
 
@@ -330,6 +352,7 @@ _TF_SPECIAL: dict[Any, Any] = {
     torch._unique: _direct_aten(torch.ops.aten._unique.default),
     torch.unique_consecutive: _unique_consecutive,
     torch.nn.functional.scaled_dot_product_attention: _sdpa,
+    torch.nn.functional.one_hot: _one_hot,
     torch.Tensor.to: _tensor_to,
     torch.Tensor.new_tensor: _new_tensor,
     torch.Tensor.cuda: _tensor_cuda,

@@ -86,6 +86,18 @@ class RemoteTensor(torch.Tensor):
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return _repr(self)
 
+    # Indexing: PyTorch builds the tensors of an index list (x[[0, 2]]) and of an assigned
+    # number (x[:, 0] = 7) on the indexed tensor's own device, which for a wrapper is "meta"
+    # (no data: the values were lost); and, as for a CUDA tensor, host index tensors are
+    # allowed (x[cpu_mask]). Both are made vGPU tensors first, as CUDA would.
+    def __getitem__(self, index: Any) -> Any:
+        return super().__getitem__(_vgpu_index(index, self._dev))
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if isinstance(value, (int, float, bool, complex)):
+            value = torch.tensor(value, dtype=self.dtype)  # a host scalar: sent with the op
+        super().__setitem__(_vgpu_index(index, self._dev), value)
+
     def __copy__(self) -> RemoteTensor:
         """copy.copy: a tensor sharing this one's memory on the same vGPU, as PyTorch's
         (which rebuilds it from the storage: this one's __reduce_ex__ is for torch.save
@@ -694,7 +706,36 @@ def _nbytes(shape: Any, stride: Any, offset: int, dtype: torch.dtype) -> int:
     return span * torch.empty((), dtype=dtype).element_size()
 
 
+_SIMPLE_INDEX = (int, slice, type(None), type(Ellipsis), RemoteTensor)
+
+
+def _vgpu_index(index: Any, dev: int) -> Any:
+    """``index`` with its host parts on vGPU ``dev``: lists of ints or bools and host
+    tensors of more than one element (a 0-dim host tensor PyTorch reads as a number)."""
+    if isinstance(index, _SIMPLE_INDEX):
+        return index
+    if isinstance(index, tuple):
+        if all(isinstance(i, _SIMPLE_INDEX) for i in index):
+            return index
+        return tuple(_vgpu_index_item(i, dev) for i in index)
+    return _vgpu_index_item(index, dev)
+
+
+def _vgpu_index_item(i: Any, dev: int) -> Any:
+    if isinstance(i, _SIMPLE_INDEX):
+        return i
+    if isinstance(i, torch.Tensor):
+        return upload(i, dev) if i.dim() > 0 and i.device.type == "cpu" else i
+    if isinstance(i, list) and i and all(type(x) in (int, bool) for x in i):
+        return upload(torch.tensor(i), dev)  # PyTorch: a list of numbers is an index tensor
+    if type(i).__module__ == "numpy" and getattr(i, "ndim", 0) > 0:
+        return upload(torch.from_numpy(i), dev)
+    return i  # anything else as PyTorch takes it
+
+
 def upload(t: torch.Tensor, dev: int) -> RemoteTensor:
+    if t.device.type == "meta":
+        raise RuntimeError("cannot mix meta tensors with vGPU tensors")
     t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()

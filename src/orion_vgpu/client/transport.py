@@ -321,10 +321,11 @@ class Connection:
             self._queue_frees()  # before the upload: the server may reuse that memory for it
             self.push([m.CMD_UPLOAD, handle, code, list(t.shape), nbytes, pos])
             return
+        data = memoryview(raw.numpy()) if raw is not None else None  # fails before queueing
         self._queue_frees()
         self.buf += self.packer.pack([m.CMD_UPLOAD, handle, code, list(t.shape), nbytes, None])
-        if raw is not None:
-            self.payload.append(memoryview(raw.numpy()))
+        if data is not None:
+            self.payload.append(data)
         self.flush()  # the caller may modify its tensor right after .to("cuda") returns
 
     def _upload_streamed(self, arena: Arena, cmd: list, raw: torch.Tensor) -> None:
