@@ -105,6 +105,17 @@ def test_indexing_matches_local(pool, tmp_path: Path, hooks: str) -> None:
     assert len(remote) == 14 and remote == local
 
 
+@pytest.mark.parametrize("hooks", ["1", "0"])
+def test_packed_sequences_match_local(pool, tmp_path: Path, hooks: str) -> None:
+    """pack_padded_sequence with host lengths, an LSTM, pad_packed_sequence, backward and a
+    step: the same losses and gradient norms as the script run locally."""
+    ctl, _ = pool
+    local = _result(run_local("packed_rnn.py"))
+    env = client_env(ctl, tmp_path / "c", ORION_TORCH_HOOKS=hooks)
+    remote = _result(run_script("packed_rnn.py", env))
+    assert len(remote) == 3 and remote == local
+
+
 def test_two_vgpus_on_two_gpus(pool, tmp_path: Path) -> None:
     """Seed 001: ORION_VGPU=2, ORION_GMEM=12000 on 16 GiB GPUs puts one vGPU on each card."""
     ctl, _ = pool

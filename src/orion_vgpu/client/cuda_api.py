@@ -240,6 +240,71 @@ def _one_hot(func: Any, args: tuple, kwargs: dict) -> Any:
     return out.scatter_(-1, t.unsqueeze(-1), 1) if t.numel() else out
 
 
+def _args(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    a = dict(zip(names, args, strict=False))
+    a.update(kwargs)
+    return a
+
+
+def _pack_padded(func: Any, args: tuple, kwargs: dict) -> Any:
+    """torch.nn.utils.rnn.pack_padded_sequence's operator, for a vGPU input and host
+    lengths (which PyTorch requires): built from slices and a cat, so autograd
+    differentiates it (PyTorch's C++ backward would make its gradient on "meta");
+    batch_sizes stays a host tensor, as with CUDA."""
+    a = _args(("input", "lengths", "batch_first"), args, kwargs)
+    x, lengths = a.get("input"), a.get("lengths")
+    if not isinstance(x, RemoteTensor) or not isinstance(lengths, torch.Tensor) \
+            or isinstance(lengths, RemoteTensor):
+        return func(*args, **kwargs)
+    if a.get("batch_first"):
+        x = x.transpose(0, 1)
+    lens = lengths.tolist()
+    if lengths.dim() != 1 or len(lens) != x.size(1):
+        raise RuntimeError(f"Expected `len(lengths)` to be equal to batch_size, but got "
+                           f"{len(lens)} (batch_size={x.size(1)})")
+    if not lens or lens[-1] <= 0:
+        raise RuntimeError("Length of all samples has to be greater than 0, but found an "
+                           "element in 'lengths' that is <= 0")
+    if any(a < b for a, b in zip(lens, lens[1:], strict=False)):
+        raise RuntimeError("`lengths` array must be sorted in decreasing order when "
+                           "`enforce_sorted` is True. You can pass `enforce_sorted=False` to "
+                           "pack_padded_sequence and/or pack_sequence to sidestep this "
+                           "requirement if you do not need ONNX exportability.")
+    if lens[0] > x.size(0):
+        raise RuntimeError(f"Start ({x.size(0)}) + length ({lens[0] - x.size(0)}) exceeds "
+                           f"dimension size ({x.size(0)}).")
+    batch_sizes = [sum(1 for n in lens if n > t) for t in range(lens[0])]
+    data = torch.cat([x[t, :b] for t, b in enumerate(batch_sizes)])
+    return data, torch.tensor(batch_sizes, dtype=torch.int64)
+
+
+def _pad_packed(func: Any, args: tuple, kwargs: dict) -> Any:
+    """pad_packed_sequence's operator for vGPU data and host batch_sizes (PyTorch's C++
+    version makes its output on "meta"); the lengths come back as a host tensor."""
+    a = _args(("data", "batch_sizes", "batch_first", "padding_value", "total_length"),
+              args, kwargs)
+    data, batch_sizes = a.get("data"), a.get("batch_sizes")
+    if not isinstance(data, RemoteTensor) or not isinstance(batch_sizes, torch.Tensor) \
+            or isinstance(batch_sizes, RemoteTensor):
+        return func(*args, **kwargs)
+    sizes = batch_sizes.tolist()
+    steps, total = len(sizes), int(a.get("total_length", -1))
+    if total > 0 and total < steps:
+        raise RuntimeError(f"Expected total_length to be at least the length of the longest "
+                           f"sequence in the input, but got total_length={total} and max "
+                           f"sequence length being {steps}")
+    out = data.new_full((max(total, steps), sizes[0], *data.shape[1:]),
+                        a.get("padding_value", 0.0))
+    offset = 0
+    for t, b in enumerate(sizes):
+        out[t, :b] = data[offset:offset + b]
+        offset += b
+    lengths = [sum(1 for b in sizes if b > i) for i in range(sizes[0])]
+    if a.get("batch_first"):
+        out = out.transpose(0, 1)
+    return out, torch.tensor(lengths, dtype=torch.int64)
+
+
 _sdp_choices: dict[tuple, int] = {}
 _FLASH = 1  # torch.nn.attention.SDPBackend.FLASH_ATTENTION
 
@@ -353,6 +418,8 @@ _TF_SPECIAL: dict[Any, Any] = {
     torch.unique_consecutive: _unique_consecutive,
     torch.nn.functional.scaled_dot_product_attention: _sdpa,
     torch.nn.functional.one_hot: _one_hot,
+    torch._pack_padded_sequence: _pack_padded,
+    torch._pad_packed_sequence: _pad_packed,
     torch.Tensor.to: _tensor_to,
     torch.Tensor.new_tensor: _new_tensor,
     torch.Tensor.cuda: _tensor_cuda,

@@ -858,8 +858,10 @@ def _lift(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
 
 def _local_scalar(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
     t = args[0]
-    host = fetch(t)
-    return host.item()
+    if not isinstance(t, RemoteTensor):  # a host number in a factory's sizes (batch_sizes[0])
+        with torch._C._DisableTorchDispatch():
+            return func(*args, **kwargs)
+    return fetch(t).item()
 
 
 def _is_pinned(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._VF  # noqa: F401  (a module object PyTorch puts in sys.modules)
 
 # Factories of the torch namespace with a ``device`` argument (aten schemas with one, plus
 # the Python-data builders); tests/client/test_hooks.py checks the list against the torch
@@ -163,12 +164,13 @@ def _script_builtins() -> dict[int, str] | None:
 
 
 def _homes(orig: Any) -> list[tuple[Any, str]]:
-    """Where a program finds ``orig``: the torch namespace, Tensor, torch.nn.functional."""
+    """Where a program finds ``orig``: the torch namespace, Tensor, torch.nn.functional, and
+    torch._VF (through which torch.nn calls some of them, e.g. the packed-sequence ops)."""
     name = getattr(orig, "__name__", None)
     if name is None:
         return []
     homes = []
-    for owner in (torch, torch.Tensor, torch.nn.functional):
+    for owner in (torch, torch.Tensor, torch.nn.functional, torch._VF):
         if getattr(owner, name, None) is orig:
             homes.append((owner, name))
     return homes
