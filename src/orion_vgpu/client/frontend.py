@@ -98,6 +98,21 @@ class RemoteTensor(torch.Tensor):
             value = torch.tensor(value, dtype=self.dtype)  # a host scalar: sent with the op
         super().__setitem__(_vgpu_index(index, self._dev), value)
 
+    def type(self, dtype: Any = None, non_blocking: bool = False,  # type: ignore[override]
+             **kwargs: Any) -> Any:
+        """x.type() names a CUDA tensor type ("torch.cuda.FloatTensor", not the wrapper's
+        "torch.meta..."); a legacy type name converts as on CUDA."""
+        if dtype is None:
+            return "torch.cuda." + super().type().rpartition(".")[2]
+        if isinstance(dtype, str):
+            prefix, _, name = dtype.rpartition(".")
+            target = _LEGACY_TYPES.get(name)
+            if target is None or prefix not in ("torch", "torch.cuda"):
+                raise ValueError(f"invalid type: '{dtype}'")
+            device = self.device if prefix == "torch.cuda" else "cpu"
+            return self.to(device=device, dtype=target, non_blocking=non_blocking)
+        return super().type(dtype, non_blocking, **kwargs)
+
     def __copy__(self) -> RemoteTensor:
         """copy.copy: a tensor sharing this one's memory on the same vGPU, as PyTorch's
         (which rebuilds it from the storage: this one's __reduce_ex__ is for torch.save
@@ -145,6 +160,10 @@ class RemoteTensor(torch.Tensor):
         return dispatch(func, args, kwargs or {}, None)
 
 
+_LEGACY_TYPES = {"FloatTensor": torch.float32, "DoubleTensor": torch.float64,
+                 "HalfTensor": torch.float16, "BFloat16Tensor": torch.bfloat16,
+                 "ByteTensor": torch.uint8, "CharTensor": torch.int8, "ShortTensor": torch.int16,
+                 "IntTensor": torch.int32, "LongTensor": torch.int64, "BoolTensor": torch.bool}
 _OWN_ATTRS = frozenset({"_h", "_dev", "_ext", "_key", "_st"})  # set by wrap()
 _saved_cuda: dict[int, int] = {}
 _make = torch.Tensor._make_wrapper_subclass

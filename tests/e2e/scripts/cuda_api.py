@@ -89,4 +89,7 @@ assert torch.load(buf, map_location="cpu").tolist() == [1.0, 2.0, 3.0]
 loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8.0)),
                                      batch_size=4, pin_memory=True)
 assert sum(b[0].to("cuda", non_blocking=True).sum().item() for b in loader) == 28.0
+assert z.type() == "torch.cuda.FloatTensor" and z.long().type() == "torch.cuda.LongTensor"
+assert z.type("torch.cuda.HalfTensor").dtype == torch.float16
+assert z.type("torch.DoubleTensor").device.type == "cpu" and z.type(torch.int32).is_cuda
 print("RESULT ok")
