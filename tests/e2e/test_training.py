@@ -108,12 +108,25 @@ def test_indexing_matches_local(pool, tmp_path: Path, hooks: str) -> None:
 @pytest.mark.parametrize("hooks", ["1", "0"])
 def test_packed_sequences_match_local(pool, tmp_path: Path, hooks: str) -> None:
     """pack_padded_sequence with host lengths, an LSTM, pad_packed_sequence, backward and a
-    step: the same losses and gradient norms as the script run locally."""
+    step, then CTC loss with host and vGPU lengths: the same losses and gradients as the
+    script run locally."""
     ctl, _ = pool
     local = _result(run_local("packed_rnn.py"))
     env = client_env(ctl, tmp_path / "c", ORION_TORCH_HOOKS=hooks)
     remote = _result(run_script("packed_rnn.py", env))
-    assert len(remote) == 3 and remote == local
+    assert len(remote) == 4 and remote == local
+
+
+@pytest.mark.parametrize("hooks", ["1", "0"])
+def test_where_clamp_and_their_gradients_match_local(pool, tmp_path: Path, hooks: str) -> None:
+    """torch.where with numbers, clamp, masked_fill and their backward formulas (which make
+    helper tensors with the gradient's options): values, dtypes and gradients equal to the
+    script run locally."""
+    ctl, _ = pool
+    local = _result(run_local("masking.py"))
+    env = client_env(ctl, tmp_path / "c", ORION_TORCH_HOOKS=hooks)
+    remote = _result(run_script("masking.py", env))
+    assert len(remote) == 11 and remote == local
 
 
 def test_two_vgpus_on_two_gpus(pool, tmp_path: Path) -> None:

@@ -305,6 +305,43 @@ def _pad_packed(func: Any, args: tuple, kwargs: dict) -> Any:
     return out, torch.tensor(lengths, dtype=torch.int64)
 
 
+def _ints(v: Any) -> list[int]:
+    return v.tolist() if isinstance(v, torch.Tensor) else [int(n) for n in v]
+
+
+def _ctc_loss(func: Any, args: tuple, kwargs: dict) -> Any:
+    """torch.ctc_loss (F.ctc_loss) for vGPU log-probs, as PyTorch computes it without
+    cuDNN: lengths as host numbers (host or vGPU tensors, or lists), host targets moved to
+    the vGPU, then _ctc_loss and the reduction. PyTorch's C++ composite refused host
+    lengths here and built its helper tensors on the wrapper's "meta" device."""
+    a = _args(("log_probs", "targets", "input_lengths", "target_lengths", "blank",
+               "reduction", "zero_infinity"), args, kwargs)
+    log_probs, targets = a.get("log_probs"), a.get("targets")
+    if not isinstance(log_probs, RemoteTensor):
+        return func(*args, **kwargs)
+    input_lengths, target_lengths = _ints(a["input_lengths"]), _ints(a["target_lengths"])
+    blank, reduction = int(a.get("blank", 0)), int(a.get("reduction", 1))
+    zero_infinity = bool(a.get("zero_infinity", False))
+    batched = log_probs.dim() == 3
+    if not batched:
+        log_probs = log_probs.unsqueeze(1)
+    if not isinstance(targets, RemoteTensor):
+        targets = frontend.upload(targets.long(), log_probs._dev)
+    elif targets.dtype != torch.int64:
+        targets = targets.long()
+    res = torch._ctc_loss(log_probs, targets, input_lengths, target_lengths, blank,
+                          zero_infinity)[0]
+    if zero_infinity:
+        res = torch.where(res == float("inf"), res.new_zeros(()), res)
+    if reduction == 1:  # at::Reduction::Mean: per target length, then over the batch
+        per = frontend.upload(torch.tensor(target_lengths, dtype=res.dtype).clamp_min(1),
+                              res._dev)
+        return (res / per).mean()
+    if reduction == 2:
+        return res.sum()
+    return res if batched else res.squeeze(0)
+
+
 _sdp_choices: dict[tuple, int] = {}
 _FLASH = 1  # torch.nn.attention.SDPBackend.FLASH_ATTENTION
 
@@ -420,6 +457,7 @@ _TF_SPECIAL: dict[Any, Any] = {
     torch.nn.functional.one_hot: _one_hot,
     torch._pack_padded_sequence: _pack_padded,
     torch._pad_packed_sequence: _pad_packed,
+    torch.ctc_loss: _ctc_loss,
     torch.Tensor.to: _tensor_to,
     torch.Tensor.new_tensor: _new_tensor,
     torch.Tensor.cuda: _tensor_cuda,
@@ -756,6 +794,7 @@ def activate() -> None:
     _enable_foreach()
     _patch_compile()
     hooks.wrap_device_context(_create, _cuda_index)
+    frontend.install_meta_factories()
     if not _hooks_wanted():
         use_process_mode(VGPUMode)
     else:

@@ -915,6 +915,75 @@ class FactoryMode(TorchDispatchMode):
         return dispatch(func, args, kwargs or {}, self.dev)
 
 
+# PyTorch's C++ makes helper tensors with the options of the tensors it has: where's
+# backward ``at::zeros({}, grad.options())``, the number of ``torch.where(c, x, 0.0)``, an
+# assigned value, one_hot's result. For a vGPU tensor those options name its wrapper's
+# device, "meta:N", whose tensors have no data (the Meta kernels of zeros, full, ... only
+# shape them): the values were lost and the next op failed. In a client process these
+# factories make a tensor on meta:N on vGPU N instead, with its value; a meta tensor
+# without an index is a meta tensor, as PyTorch makes it.
+_META_FACTORIES = ("empty.memory_format", "zeros", "ones", "full", "scalar_tensor")
+
+
+def _meta_factory(op: Any) -> Callable[..., Any]:
+    scalar = op is torch.ops.aten.scalar_tensor.default
+
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        device = kwargs.get("device")
+        if device is not None and device.index is not None:
+            return dispatch(op, args, kwargs, device.index)
+        size = () if scalar else args[0]
+        dtype = kwargs.get("dtype")
+        if dtype is None:
+            dtype = _fill_dtype(args[1]) if op is torch.ops.aten.full.default \
+                else torch.get_default_dtype()
+        stride = _strides_for(size, kwargs.get("memory_format"))
+        return torch.empty_strided(size, stride, dtype=dtype, device=device)
+    return kernel
+
+
+def _fill_dtype(value: Any) -> torch.dtype:
+    if isinstance(value, bool):
+        return torch.bool
+    if isinstance(value, int):
+        return torch.int64
+    if isinstance(value, complex):
+        return torch.complex128 if torch.get_default_dtype() == torch.float64 \
+            else torch.complex64
+    return torch.get_default_dtype()
+
+
+def _strides_for(size: Any, memory_format: Any) -> Any:
+    from torch._prims_common import (
+        make_channels_last_strides_for,
+        make_contiguous_strides_for,
+    )
+    if memory_format in (torch.channels_last, torch.channels_last_3d):
+        return make_channels_last_strides_for(size)
+    return make_contiguous_strides_for(size)
+
+
+_meta_lib: Any = None
+
+
+def install_meta_factories() -> None:
+    """Register the kernels above over PyTorch's Meta kernels of these factories, for the
+    life of this process (meta tensors without an index get PyTorch's result through
+    empty_strided's Meta kernel)."""
+    global _meta_lib
+    if _meta_lib is not None:
+        return
+    import warnings
+    lib = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        for name in _META_FACTORIES:
+            packet, _, overload = name.partition(".")
+            op = getattr(getattr(torch.ops.aten, packet), overload or "default")
+            lib.impl(name, _meta_factory(op), "Meta")
+    _meta_lib = lib
+
+
 # --------------------------------------------------------------------------- printing
 def _repr(t: RemoteTensor) -> str:
     host = t.detach().cpu() if t.dtype in codec.DTYPE_CODE else None
