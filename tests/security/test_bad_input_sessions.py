@@ -43,6 +43,8 @@ DEFINE_CASES: list[tuple[Any, str, str]] = [
     ("aten::_print.default", "RuntimeError", "not allowed"),
     ("prims::__class__", "RuntimeError", "unknown operator"),
     ("aten::__getattr__.x", "RuntimeError", "unknown operator"),
+    ("aten::__dict__", "RuntimeError", "unknown operator"),
+    ("aten::__lshift__.__class__", "RuntimeError", "unknown operator"),  # a real dunder op
     ("aten::no_such_op.default", "RuntimeError", "unknown operator"),
     ("", "RuntimeError", "not allowed"),
     (42, "RuntimeError", "not allowed"),

@@ -755,6 +755,9 @@ def _vgpu_index_item(i: Any, dev: int) -> Any:
 def upload(t: torch.Tensor, dev: int) -> RemoteTensor:
     if t.device.type == "meta":
         raise RuntimeError("cannot mix meta tensors with vGPU tensors")
+    if t.layout != torch.strided:
+        raise RuntimeError(f"tensors of layout {t.layout} are not supported on a vGPU; "
+                           "convert with .to_dense() before moving to the device")
     t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()

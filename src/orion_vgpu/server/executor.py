@@ -80,6 +80,12 @@ class Missing:
         self.handle = handle
 
 
+# The operators with dunder names (x << 1, x >>= 2, mask & other): names of that shape are
+# refused otherwise, so that no spelling reaches a Python attribute of the op namespace.
+DUNDER_OPS = frozenset({"__and__", "__iand__", "__or__", "__ior__", "__xor__", "__ixor__",
+                        "__lshift__", "__ilshift__", "__rshift__", "__irshift__"})
+
+
 def resolve_op(name: str) -> Any:
     """Resolve ``ns::op.overload`` against the allowlist, never anything else."""
     if not isinstance(name, str) or "::" not in name:
@@ -89,7 +95,7 @@ def resolve_op(name: str) -> Any:
         raise SessionError("RuntimeError", f"operator {name!r} is not allowed on a vGPU "
                            f"(only {', '.join(sorted(ALLOWED_NAMESPACES))} operators run remotely)")
     op_name, _, overload = rest.partition(".")
-    if op_name.startswith("__") or overload.startswith("__"):
+    if (op_name.startswith("__") and op_name not in DUNDER_OPS) or overload.startswith("__"):
         raise SessionError("RuntimeError", f"unknown operator {name!r}")
     try:
         packet = getattr(getattr(torch.ops, ns), op_name)

@@ -92,4 +92,13 @@ assert sum(b[0].to("cuda", non_blocking=True).sum().item() for b in loader) == 2
 assert z.type() == "torch.cuda.FloatTensor" and z.long().type() == "torch.cuda.LongTensor"
 assert z.type("torch.cuda.HalfTensor").dtype == torch.float16
 assert z.type("torch.DoubleTensor").device.type == "cpu" and z.type(torch.int32).is_cuda
+bits = torch.tensor([5, 12], device="cuda")
+assert (bits << 1).tolist() == [10, 24] and (bits >> 2).tolist() == [1, 3]
+bits <<= 1
+assert bits.tolist() == [10, 24] and ((bits & 8) | 1).tolist() == [9, 9]
+try:
+    torch.eye(2).to_sparse().to("cuda")
+    raise AssertionError("a sparse tensor reached the vGPU")
+except RuntimeError as exc:
+    assert "not supported on a vGPU" in str(exc) and "to_dense" in str(exc), exc
 print("RESULT ok")
