@@ -13,25 +13,19 @@ default and fused implementations run eagerly.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from localpool import local_pool  # noqa: E402
+from localpool import local_pool, run_json  # noqa: E402
 
 
 def run(env: dict[str, str], *args: str) -> dict:
-    out = subprocess.run([sys.executable, str(HERE / "workloads.py"), *args], env=env,
-                         capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        raise SystemExit(f"workload failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json([str(HERE / "workloads.py"), *args], env)
 
 
 def local_envs(env: dict[str, str]) -> dict[str, dict[str, str]]:

@@ -20,14 +20,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from localpool import local_pool  # noqa: E402
+from localpool import local_pool, run_json  # noqa: E402
 
 KINDS = ("eager", "graphed", "compile", "compile_all")
 
@@ -81,11 +80,7 @@ def workload(kind: str, steps: int) -> dict:
 # -- the driver ---------------------------------------------------------------------------
 
 def run(env: dict[str, str], kind: str, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--workload", kind, str(steps)], env=env,
-                         capture_output=True, text=True, timeout=1800)
-    if out.returncode != 0:
-        raise SystemExit(f"workload {kind} failed: {out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json([__file__, "--workload", kind, str(steps)], env, timeout=1800)
 
 
 def main() -> None:

@@ -17,14 +17,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from localpool import local_pool  # noqa: E402
+from localpool import local_pool, run_json  # noqa: E402
 
 PARTS = ("zero_grad", "forward", "backward", "optimizer")
 
@@ -62,11 +61,7 @@ def workload(steps: int) -> dict:
 
 
 def run(env: dict[str, str], steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--workload", str(steps)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise SystemExit(f"workload failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json([__file__, "--workload", str(steps)], env, timeout=600)
 
 
 def main() -> None:

@@ -103,3 +103,12 @@ def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
                 p.kill()
         if os.environ.get("ORION_BENCH_KEEP") != "1":  # its database and logs, for a look
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_json(argv: list[str], env: dict[str, str], timeout: float = 900) -> dict:
+    """Run a workload process (``python *argv``) and return the JSON of its last line."""
+    out = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    if out.returncode != 0:
+        raise SystemExit(f"workload {' '.join(argv[1:])} failed: {out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -94,39 +94,24 @@ def test_deepcopy_of_models_state_and_tensors_matches_local(pool, tmp_path: Path
     assert "RESULT resumed equal True" in remote and "RESULT copy unchanged True" in remote
 
 
+# Scripts whose every printed line must equal the same script's run locally, and how many
+# lines they print; run with the wrapped torch functions ("1") and with the process mode.
+#   indexing.py: index lists, host index tensors and masks, numbers assigned into slices,
+#     one_hot (they failed or lost values on a vGPU);
+#   packed_rnn.py: pack_padded_sequence with host lengths, an LSTM, pad_packed_sequence,
+#     backward and a step, then CTC loss with host and vGPU lengths;
+#   masking.py: torch.where with numbers, clamp, masked_fill and their backward formulas
+#     (which make helper tensors with the gradient's options): values, dtypes, gradients.
 @pytest.mark.parametrize("hooks", ["1", "0"])
-def test_indexing_matches_local(pool, tmp_path: Path, hooks: str) -> None:
-    """Index lists, host index tensors and masks, numbers assigned into slices, one_hot:
-    the same results as the script run locally (they failed or lost values on a vGPU)."""
+@pytest.mark.parametrize(("script", "lines"), [("indexing.py", 14), ("packed_rnn.py", 4),
+                                               ("masking.py", 11)])
+def test_script_matches_local(pool, tmp_path: Path, script: str, lines: int,
+                              hooks: str) -> None:
     ctl, _ = pool
-    local = _result(run_local("indexing.py"))
+    local = _result(run_local(script))
     env = client_env(ctl, tmp_path / "c", ORION_TORCH_HOOKS=hooks)
-    remote = _result(run_script("indexing.py", env))
-    assert len(remote) == 14 and remote == local
-
-
-@pytest.mark.parametrize("hooks", ["1", "0"])
-def test_packed_sequences_match_local(pool, tmp_path: Path, hooks: str) -> None:
-    """pack_padded_sequence with host lengths, an LSTM, pad_packed_sequence, backward and a
-    step, then CTC loss with host and vGPU lengths: the same losses and gradients as the
-    script run locally."""
-    ctl, _ = pool
-    local = _result(run_local("packed_rnn.py"))
-    env = client_env(ctl, tmp_path / "c", ORION_TORCH_HOOKS=hooks)
-    remote = _result(run_script("packed_rnn.py", env))
-    assert len(remote) == 4 and remote == local
-
-
-@pytest.mark.parametrize("hooks", ["1", "0"])
-def test_where_clamp_and_their_gradients_match_local(pool, tmp_path: Path, hooks: str) -> None:
-    """torch.where with numbers, clamp, masked_fill and their backward formulas (which make
-    helper tensors with the gradient's options): values, dtypes and gradients equal to the
-    script run locally."""
-    ctl, _ = pool
-    local = _result(run_local("masking.py"))
-    env = client_env(ctl, tmp_path / "c", ORION_TORCH_HOOKS=hooks)
-    remote = _result(run_script("masking.py", env))
-    assert len(remote) == 11 and remote == local
+    remote = _result(run_script(script, env))
+    assert len(remote) == lines and remote == local
 
 
 def test_two_vgpus_on_two_gpus(pool, tmp_path: Path) -> None:

@@ -218,13 +218,18 @@ def _tensor_is_pinned(func: Any, args: tuple, kwargs: dict) -> Any:
     return False
 
 
+def _args(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """An op's arguments by name, positional or keyword."""
+    a = dict(zip(names, args, strict=False))
+    a.update(kwargs)
+    return a
+
+
 def _one_hot(func: Any, args: tuple, kwargs: dict) -> Any:
     """F.one_hot as PyTorch computes it for a CUDA tensor (its C++ version makes the result
     on the wrapper's "meta" device): zeros, then a scatter of ones; the class count read
     from the data only when not given; out-of-range classes fail in the kernel."""
-    names = ("tensor", "num_classes")
-    a = dict(zip(names, args, strict=False))
-    a.update(kwargs)
+    a = _args(("tensor", "num_classes"), args, kwargs)
     t, num_classes = a.get("tensor"), a.get("num_classes", -1)
     if not isinstance(t, RemoteTensor):
         return func(*args, **kwargs)
@@ -240,17 +245,12 @@ def _one_hot(func: Any, args: tuple, kwargs: dict) -> Any:
     return out.scatter_(-1, t.unsqueeze(-1), 1) if t.numel() else out
 
 
-def _args(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
-    a = dict(zip(names, args, strict=False))
-    a.update(kwargs)
-    return a
-
-
 def _pack_padded(func: Any, args: tuple, kwargs: dict) -> Any:
     """torch.nn.utils.rnn.pack_padded_sequence's operator, for a vGPU input and host
-    lengths (which PyTorch requires): built from slices and a cat, so autograd
-    differentiates it (PyTorch's C++ backward would make its gradient on "meta");
-    batch_sizes stays a host tensor, as with CUDA."""
+    lengths (which PyTorch requires and the client's op path refuses): built from slices
+    and a cat, which autograd differentiates; batch_sizes stays a host tensor, as with
+    CUDA. pad_packed_sequence needs nothing: its C++ makes its output with the data's
+    options, on the vGPU (frontend.install_meta_factories)."""
     a = _args(("input", "lengths", "batch_first"), args, kwargs)
     x, lengths = a.get("input"), a.get("lengths")
     if not isinstance(x, RemoteTensor) or not isinstance(lengths, torch.Tensor) \
@@ -276,33 +276,6 @@ def _pack_padded(func: Any, args: tuple, kwargs: dict) -> Any:
     batch_sizes = [sum(1 for n in lens if n > t) for t in range(lens[0])]
     data = torch.cat([x[t, :b] for t, b in enumerate(batch_sizes)])
     return data, torch.tensor(batch_sizes, dtype=torch.int64)
-
-
-def _pad_packed(func: Any, args: tuple, kwargs: dict) -> Any:
-    """pad_packed_sequence's operator for vGPU data and host batch_sizes (PyTorch's C++
-    version makes its output on "meta"); the lengths come back as a host tensor."""
-    a = _args(("data", "batch_sizes", "batch_first", "padding_value", "total_length"),
-              args, kwargs)
-    data, batch_sizes = a.get("data"), a.get("batch_sizes")
-    if not isinstance(data, RemoteTensor) or not isinstance(batch_sizes, torch.Tensor) \
-            or isinstance(batch_sizes, RemoteTensor):
-        return func(*args, **kwargs)
-    sizes = batch_sizes.tolist()
-    steps, total = len(sizes), int(a.get("total_length", -1))
-    if total > 0 and total < steps:
-        raise RuntimeError(f"Expected total_length to be at least the length of the longest "
-                           f"sequence in the input, but got total_length={total} and max "
-                           f"sequence length being {steps}")
-    out = data.new_full((max(total, steps), sizes[0], *data.shape[1:]),
-                        a.get("padding_value", 0.0))
-    offset = 0
-    for t, b in enumerate(sizes):
-        out[t, :b] = data[offset:offset + b]
-        offset += b
-    lengths = [sum(1 for b in sizes if b > i) for i in range(sizes[0])]
-    if a.get("batch_first"):
-        out = out.transpose(0, 1)
-    return out, torch.tensor(lengths, dtype=torch.int64)
 
 
 def _ints(v: Any) -> list[int]:
@@ -456,7 +429,6 @@ _TF_SPECIAL: dict[Any, Any] = {
     torch.nn.functional.scaled_dot_product_attention: _sdpa,
     torch.nn.functional.one_hot: _one_hot,
     torch._pack_padded_sequence: _pack_padded,
-    torch._pad_packed_sequence: _pad_packed,
     torch.ctc_loss: _ctc_loss,
     torch.Tensor.to: _tensor_to,
     torch.Tensor.new_tensor: _new_tensor,

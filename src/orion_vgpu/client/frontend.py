@@ -86,16 +86,13 @@ class RemoteTensor(torch.Tensor):
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return _repr(self)
 
-    # Indexing: PyTorch builds the tensors of an index list (x[[0, 2]]) and of an assigned
-    # number (x[:, 0] = 7) on the indexed tensor's own device, which for a wrapper is "meta"
-    # (no data: the values were lost); and, as for a CUDA tensor, host index tensors are
-    # allowed (x[cpu_mask]). Both are made vGPU tensors first, as CUDA would.
+    # Indexing: as for a CUDA tensor, host index tensors are allowed (x[cpu_mask]), and an
+    # index list (x[[0, 2]]) is built on the host; both go to the vGPU first. (An assigned
+    # number becomes a tensor with this one's options: install_meta_factories.)
     def __getitem__(self, index: Any) -> Any:
         return super().__getitem__(_vgpu_index(index, self._dev))
 
     def __setitem__(self, index: Any, value: Any) -> None:
-        if isinstance(value, (int, float, bool, complex)):
-            value = torch.tensor(value, dtype=self.dtype)  # a host scalar: sent with the op
         super().__setitem__(_vgpu_index(index, self._dev), value)
 
     def type(self, dtype: Any = None, non_blocking: bool = False,  # type: ignore[override]
