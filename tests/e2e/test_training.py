@@ -101,10 +101,18 @@ def test_deepcopy_of_models_state_and_tensors_matches_local(pool, tmp_path: Path
 #   packed_rnn.py: pack_padded_sequence with host lengths, an LSTM, pad_packed_sequence,
 #     backward and a step, then CTC loss with host and vGPU lengths;
 #   masking.py: torch.where with numbers, clamp, masked_fill and their backward formulas
-#     (which make helper tensors with the gradient's options): values, dtypes, gradients.
+#     (which make helper tensors with the gradient's options): values, dtypes, gradients;
+#   generators.py: torch.Generator(device="cuda") drawn from by factories and in-place
+#     random ops, its state saved and restored, copied, pickled, reseeded (refused before);
+#   legacy_types.py: torch.cuda.FloatTensor(2, 3) & co., isinstance and .type() with them,
+#     set_default_tensor_type (a CPU build refuses them all);
+#   default_dtype.py: set_default_dtype(float64) for factories, int/float promotions and a
+#     training step (the vGPU computed in float32 before).
 @pytest.mark.parametrize("hooks", ["1", "0"])
 @pytest.mark.parametrize(("script", "lines"), [("indexing.py", 14), ("packed_rnn.py", 4),
-                                               ("masking.py", 11)])
+                                               ("masking.py", 11), ("generators.py", 19),
+                                               ("legacy_types.py", 16),
+                                               ("default_dtype.py", 13)])
 def test_script_matches_local(pool, tmp_path: Path, script: str, lines: int,
                               hooks: str) -> None:
     ctl, _ = pool

@@ -24,7 +24,13 @@ class Handle:
         self.h = h
 
 
+class Gen(Handle):
+    """Stands for a vGPU's torch.Generator: encodes as a generator ext value."""
+
+
 def _client_default(obj: Any) -> Any:
+    if isinstance(obj, Gen):
+        return codec.generator_ext(obj.h)
     if isinstance(obj, Handle):
         return codec.handle_ext(obj.h)
     return codec.encode_default(obj)
@@ -37,6 +43,7 @@ leaves = st.one_of(
     st.sampled_from(codec.LAYOUTS),
     st.sampled_from([torch.device("cuda:0"), torch.device("cpu")]),
     st.complex_numbers(allow_nan=False), st.integers(-(2**63), 2**63 - 1).map(Handle),
+    st.integers(-(2**63), 2**63 - 1).map(Gen),
     st.lists(st.integers(0, 1 << 20), max_size=4).map(torch.Size),
 )
 trees = st.recursive(leaves, lambda kids: st.lists(kids, max_size=5), max_leaves=30)
@@ -44,6 +51,8 @@ trees = st.recursive(leaves, lambda kids: st.lists(kids, max_size=5), max_leaves
 
 def _expected(v: Any) -> Any:
     """What the server must see for what the client sent."""
+    if isinstance(v, Gen):
+        return ("generator", v.h)
     if isinstance(v, Handle):
         return ("tensor", v.h)
     if isinstance(v, torch.device):
@@ -68,7 +77,7 @@ def _same(a: Any, b: Any) -> bool:
                                                                    max_size=4))
 def test_argument_trees_round_trip(args: list, kwargs: dict) -> None:
     body = msgpack.packb([1, 7, args, kwargs, []], default=_client_default)
-    hook = codec.make_ext_hook(lambda h: ("tensor", h), REMOTE)
+    hook = codec.make_ext_hook(lambda h: ("tensor", h), REMOTE, lambda g: ("generator", g))
     got = msgpack.unpackb(body, ext_hook=hook, raw=False, strict_map_key=False)
     assert _same(got[2], _expected(args))
     assert got[3].keys() == kwargs.keys()

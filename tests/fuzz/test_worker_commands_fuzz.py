@@ -60,8 +60,11 @@ commands = st.one_of(
     st.tuples(st.just(m.CMD_FREE), st.one_of(st.lists(handles, max_size=4), values)),
     st.tuples(st.just(m.CMD_COPY), handles, handles),
     st.tuples(st.just(m.CMD_SEED), st.one_of(st.integers(-(2**63), 2**64 - 1), values)),
+    st.tuples(st.just(m.CMD_SEED), st.integers(0, 2**64 - 1), st.one_of(handles, values)),
     st.tuples(st.just(m.CMD_RNG_SET), st.integers(-(2**40), 2**40)),
     st.tuples(st.sampled_from([m.CMD_STATS, m.CMD_SYNC, m.CMD_RNG_GET])),
+    st.tuples(st.just(m.CMD_RNG_GET), st.one_of(handles, values)),
+    st.tuples(st.just(m.CMD_DEFAULT_DTYPE), values),
     st.tuples(st.integers(-3, 20), values),
     values,  # not even a command
 )

@@ -19,7 +19,15 @@ import torch
 from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
 from torch.utils._device import DeviceContext
 
-from orion_vgpu.client import autocast, distributed, frontend, graphs, hooks
+from orion_vgpu.client import (
+    autocast,
+    distributed,
+    frontend,
+    generators,
+    graphs,
+    hooks,
+    legacy_types,
+)
 from orion_vgpu.client.frontend import FactoryMode, RemoteTensor
 from orion_vgpu.client.runtime import get_runtime
 
@@ -87,6 +95,8 @@ class VGPUMode(TorchFunctionMode):
             idx = _cuda_index(dev)
             if idx is not None:
                 return _create(func, args, kwargs, idx)
+        if "generator" in kwargs:
+            hooks.host_generator(kwargs["generator"], args)
         if type(func) is FunctionType and _redispatch is not None:
             return self._inside(func, types, args, kwargs)
         return func(*args, **kwargs)
@@ -175,6 +185,17 @@ def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
         new_kwargs["memory_format"] = memfmt
     with FactoryMode(idx):
         return torch.Tensor.to(self, **new_kwargs)
+
+
+def _tensor_type(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``host_tensor.type(torch.cuda.FloatTensor)`` (or its name): a copy on the vGPU. A
+    vGPU tensor's own type() handles every case."""
+    self = args[0]
+    spec = args[1] if len(args) > 1 else kwargs.get("dtype")
+    dtype = None if isinstance(self, RemoteTensor) else legacy_types.cuda_type_dtype(spec)
+    if dtype is None:
+        return func(*args, **kwargs)
+    return _tensor_to(torch.Tensor.to, (self, torch.device("cuda", current_device()), dtype), {})
 
 
 def _remote_to(t: RemoteTensor, idx: int, dtype: Any, memfmt: Any, copy: bool) -> Any:
@@ -435,6 +456,7 @@ _TF_SPECIAL: dict[Any, Any] = {
     torch.Tensor.cuda: _tensor_cuda,
     torch.Tensor.pin_memory: _tensor_pin_memory,
     torch.Tensor.is_pinned: _tensor_is_pinned,
+    torch.Tensor.type: _tensor_type,
 }
 
 
@@ -767,10 +789,35 @@ def activate() -> None:
     _patch_compile()
     hooks.wrap_device_context(_create, _cuda_index)
     frontend.install_meta_factories()
+    generators.install(_cuda_index, device_count())
+    legacy_types.install()
+    _follow_default_dtype()
     if not _hooks_wanted():
         use_process_mode(VGPUMode)
     else:
         hooks.install(_create, _cuda_index, _TF_SPECIAL, VGPUMode)
+
+
+def _follow_default_dtype() -> None:
+    """torch.set_default_dtype(torch.float64) holds on the vGPUs too: factories without a
+    dtype and int-with-float promotions (arange(3) / 2) give float64 there, as here."""
+    orig = torch.set_default_dtype
+    if getattr(orig, "_orion_vgpu", False):
+        return
+
+    def set_default_dtype(d: torch.dtype) -> None:
+        orig(d)
+        default_dtype_changed()
+
+    set_default_dtype.__doc__ = orig.__doc__
+    set_default_dtype._orion_vgpu = True  # type: ignore[attr-defined]
+    torch.set_default_dtype = set_default_dtype
+
+
+def default_dtype_changed() -> None:
+    # Cached output descriptions of ops without a dtype were made with the old default.
+    frontend._meta_cache.clear()
+    get_runtime().default_dtype_changed()
 
 
 def _hooks_wanted() -> bool:

@@ -21,6 +21,7 @@ import msgpack
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from orion_vgpu.client import generators
 from orion_vgpu.client.runtime import get_runtime
 from orion_vgpu.protocol import codec
 from orion_vgpu.protocol import messages as m
@@ -101,6 +102,8 @@ class RemoteTensor(torch.Tensor):
         "torch.meta..."); a legacy type name converts as on CUDA."""
         if dtype is None:
             return "torch.cuda." + super().type().rpartition(".")[2]
+        if isinstance(dtype, type) and dtype.__name__ in _LEGACY_TYPES:
+            dtype = f"{dtype.__module__}.{dtype.__name__}"  # torch.cuda.HalfTensor & co.
         if isinstance(dtype, str):
             prefix, _, name = dtype.rpartition(".")
             target = _LEGACY_TYPES.get(name)
@@ -248,7 +251,7 @@ def _drain_frees() -> None:
 class _Walk:
     """One pass over an op's arguments: encode for the wire, key the meta cache."""
 
-    __slots__ = ("dev", "inputs", "temps", "host_target", "value_keyed")
+    __slots__ = ("dev", "inputs", "temps", "host_target", "value_keyed", "gen_dev")
 
     def __init__(self, dev: int | None, value_keyed: bool) -> None:
         self.dev = dev
@@ -256,6 +259,7 @@ class _Walk:
         self.temps: list[RemoteTensor] = []
         self.host_target = False
         self.value_keyed = value_keyed
+        self.gen_dev: int | None = None  # the vGPU of a torch.Generator argument
 
     def enc_seq(self, seq: Any) -> tuple[list, tuple]:
         """The hot path: flat argument lists of tensors and plain scalars, no recursion."""
@@ -310,9 +314,9 @@ class _Walk:
             return codec.DEVICE_REMOTE, "remote"
         if isinstance(a, (torch.SymInt, torch.SymFloat)):
             raise NotImplementedError("symbolic shapes are not supported on a vGPU")
-        if isinstance(a, torch.Generator):
-            raise NotImplementedError("explicit torch.Generator objects are not supported on a "
-                                      "vGPU yet; use torch.manual_seed")
+        if isinstance(a, torch._C.Generator):
+            self.gen_dev, ext = generators.encode(a)
+            return ext, "generator"  # its state is not metadata
         return a, a
 
     def _host_tensor(self, a: torch.Tensor) -> tuple[Any, Any]:
@@ -618,6 +622,8 @@ def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any
         enc_args, akey = walk.enc_seq(args)
         enc_kw, kkey = walk.enc_kwargs(kwargs)
         dev, inputs, temps = walk.dev, walk.inputs, walk.temps
+        if walk.gen_dev is not None:
+            generators.check_device(walk.gen_dev, default_dev if dev is None else dev)
     if dev is None:
         dev = default_dev
         if dev is None:

@@ -101,6 +101,10 @@ class CUDAGraph:
     def instantiate(self) -> None:
         pass
 
+    def register_generator_state(self, generator: Any) -> None:
+        """Each replay draws anew from a generator a captured op names, as CUDA graphs do
+        from a registered one: the server runs the captured op with the generator itself."""
+
     def pool(self) -> tuple[int, int]:
         return (0, id(self))
 

@@ -78,9 +78,12 @@ def install(create: Factory, cuda_index: Callable[[Any], int | None],
         def hook(*args: Any, **kwargs: Any) -> Any:
             dev = kwargs.get("device")
             if dev is None or depth.n:
+                if "generator" in kwargs and not depth.n:
+                    host_generator(kwargs["generator"], args)
                 return orig(*args, **kwargs)
             idx = cuda_index(dev)
             if idx is None:
+                host_generator(kwargs.get("generator"), args)
                 return orig(*args, **kwargs)
             return create(orig, args, kwargs, idx)
         return hook
@@ -95,6 +98,16 @@ def install(create: Factory, cuda_index: Callable[[Any], int | None],
         for owner, name in _homes(orig):
             _wrap(owner, name, functools.partial(_special, handler=handler))
     _wrap_autocast(autocast_mode)
+
+
+def host_generator(gen: Any, args: tuple) -> None:
+    """A vGPU's generator given to a factory that makes a host tensor: PyTorch's error (the
+    generator object's own C state is a placeholder, not the vGPU's). With a tensor argument
+    (``normal(mean, std)``, ``randn_like``) the tensor decides, and a vGPU op checks."""
+    from orion_vgpu.client.generators import is_vgpu
+    if (gen is not None and is_vgpu(gen)
+            and not any(isinstance(a, torch.Tensor) for a in args)):
+        raise RuntimeError("Expected a 'cpu' device type for generator but found 'cuda'")
 
 
 def remove() -> None:

@@ -69,6 +69,7 @@ class Connection:
         self.n_cmds = 0
         self.flush_at = FLUSH_FIRST
         self.frees: list[int] = []
+        self.default_dtype = torch.float32  # the server's, until set_default_dtype
         self.arena: Arena | None = None
         self.host_pool: HostPool | None = None  # buffers downloads land in (arena sessions)
         self.defined: set[int] = set()
@@ -456,19 +457,30 @@ class Connection:
     def stats(self) -> dict:
         return self.request([m.CMD_STATS])[1]
 
-    def rng_state(self) -> torch.Tensor:
+    def rng_state(self, gid: int = 0) -> torch.Tensor:
+        """The state of the vGPU's default generator, or of the program's generator ``gid``."""
         with self.lock:
-            reply = self.request([m.CMD_RNG_GET])
+            reply = self.request([m.CMD_RNG_GET, gid] if gid else [m.CMD_RNG_GET])
             state = torch.empty(int(reply[1]), dtype=torch.uint8)
             frames.recv_exact_into(self.sock, memoryview(state.numpy()))
             return state
 
-    def set_rng_state(self, state: torch.Tensor) -> None:
+    def set_rng_state(self, state: torch.Tensor, gid: int = 0) -> None:
         state = state.contiguous().view(torch.uint8)
         with self.lock:
-            self.buf += self.packer.pack([m.CMD_RNG_SET, state.numel()])
+            cmd = [m.CMD_RNG_SET, state.numel(), gid] if gid else [m.CMD_RNG_SET, state.numel()]
+            self.buf += self.packer.pack(cmd)
             self.payload.append(memoryview(state.numpy()))
             self.flush()
+
+    def set_default_dtype(self, dtype: torch.dtype) -> None:
+        with self.lock:  # never part of a graph capture: it sets how later ops run
+            self.buf += self.packer.pack([m.CMD_DEFAULT_DTYPE, dtype])
+            self.n_cmds += 1
+            self.default_dtype = dtype
+
+    def seed_generator(self, gid: int, seed: int) -> None:
+        self.push([m.CMD_SEED, seed, gid])
 
     def close(self) -> None:
         if self.closed:

@@ -1,7 +1,8 @@
 """msgpack encoding of ATen arguments: tensor handles, dtypes, devices and friends.
 
-Tensors travel as handles (ext 1); the server resolves them in its own session table, so
-a client can only ever name its own tensors. Nothing here can carry Python code.
+Tensors travel as handles (ext 1), a program's ``torch.Generator(device="cuda")`` objects as
+generator ids (ext 7); the server resolves both in its own session tables, so a client can
+only ever name its own. Nothing here can carry Python code.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ EXT_DEVICE = 3
 EXT_MEMFMT = 4
 EXT_LAYOUT = 5
 EXT_COMPLEX = 6
+EXT_GENERATOR = 7
 
 DTYPES: tuple[torch.dtype, ...] = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16,
@@ -50,6 +52,10 @@ def handle_ext(handle: int) -> msgpack.ExtType:
     return msgpack.ExtType(EXT_HANDLE, _Q.pack(handle))
 
 
+def generator_ext(gid: int) -> msgpack.ExtType:
+    return msgpack.ExtType(EXT_GENERATOR, _Q.pack(gid))
+
+
 def dtype_from_code(code: int) -> torch.dtype:
     if not 0 <= code < len(DTYPES):
         raise CodecError(f"unknown dtype code {code}")
@@ -78,7 +84,12 @@ def encode_default(obj: Any) -> Any:
     raise CodecError(f"cannot send a {type(obj).__name__} to a vGPU")
 
 
-def make_ext_hook(resolve_handle: Callable[[int], Any], remote_device: torch.device
+def _no_generators(gid: int) -> Any:
+    raise CodecError("a torch.Generator cannot be used here")
+
+
+def make_ext_hook(resolve_handle: Callable[[int], Any], remote_device: torch.device,
+                  resolve_generator: Callable[[int], Any] = _no_generators
                   ) -> Callable[[int, bytes], Any]:
     """Server-side ``ext_hook``: turn ext values back into torch objects."""
     host = torch.device("cpu")
@@ -86,6 +97,8 @@ def make_ext_hook(resolve_handle: Callable[[int], Any], remote_device: torch.dev
     def hook(code: int, data: bytes) -> Any:
         if code == EXT_HANDLE and len(data) == 8:
             return resolve_handle(_Q.unpack(data)[0])
+        if code == EXT_GENERATOR and len(data) == 8:
+            return resolve_generator(_Q.unpack(data)[0])
         if len(data) == 1:
             idx = data[0]
             if code == EXT_DTYPE:

@@ -15,16 +15,16 @@ REFUSED = "orion-refused"
 
 CMD_DEF = 0      # [0, op_id, "aten::name.overload"]
 CMD_OP = 1       # [1, op_id, args, kwargs, out_handles]
-CMD_FREE = 2     # [2, [handles]]
+CMD_FREE = 2     # [2, [handles]]  (tensor handles and generator ids)
 CMD_UPLOAD = 3   # [3, handle, dtype, shape, nbytes, shm_offset | None(, chunk: streamed)]
 CMD_FETCH = 4    # [4, handle, dtype | None(, may_stream(, host_buffer))]  -> [OK, dtype, shape, nbytes, shm_offset | None | IN_HOST_BUFFER(, chunk)] + payload
 CMD_CALL = 5     # [5, op_id, args, kwargs, out_handles] -> [OK, values, out_meta]
 CMD_SYNC = 6     # [6] -> [OK]
-CMD_SEED = 7     # [7, seed]
+CMD_SEED = 7     # [7, seed(, generator_id)]  (without an id: the vGPU's default generator)
 CMD_STATS = 8    # [8] -> [OK, {stats}]
 CMD_BYE = 9      # [9]
-CMD_RNG_GET = 10  # [10] -> [OK] + payload (generator state bytes)
-CMD_RNG_SET = 11  # [11, nbytes] + payload
+CMD_RNG_GET = 10  # [10(, generator_id)] -> [OK] + payload (generator state bytes)
+CMD_RNG_SET = 11  # [11, nbytes(, generator_id)] + payload
 CMD_COPY = 12    # [12, dst_handle, src_handle] server-side copy between this session's tensors
 # [13, op_id, args, kwargs, first_handle] -> [OK, kind, items]: run an op the client has no
 # output description for yet; the server describes its outputs (new tensors get handles
@@ -53,6 +53,8 @@ CMD_COLLECTIVE = 17
 CMD_GRAPH_DEF = 18
 # [19, graph_id, input_handles, out_handles]: run a kept graph (a stream takes no inputs).
 CMD_GRAPH_RUN = 19
+# [20, dtype]: the program's torch.set_default_dtype (a floating dtype) for the ops after it.
+CMD_DEFAULT_DTYPE = 20
 
 ANSWERED = frozenset({CMD_FETCH, CMD_CALL, CMD_SYNC, CMD_STATS, CMD_RNG_GET, CMD_PROBE,
                       CMD_PG_INIT})

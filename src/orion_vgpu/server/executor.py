@@ -46,6 +46,7 @@ MAX_NUMEL = 1 << 40
 # Host memory the worker spends per handle and per op id is not in the ledger; these caps
 # keep a client that creates millions of empty tensors or op ids from growing it unbounded.
 MAX_TENSORS = 1 << 20
+MAX_GENERATORS = 4096  # torch.Generator objects a session may hold at once
 MAX_OP_IDS = 1 << 16
 # An emulated GPU runs an op on all cores only when its largest tensor argument has this
 # many elements (matrix products and convolutions: MATMUL_PARALLEL_MIN); a smaller op runs
@@ -492,6 +493,9 @@ class Executor:
     def __init__(self, device: torch.device, gmem_bytes: int) -> None:
         self.device = device
         self.tensors: dict[int, torch.Tensor] = {}
+        # The program's torch.Generator(device="cuda") objects, by id (ids come from the
+        # client's handle counter: never a tensor's handle).
+        self.generators: dict[int, torch.Generator] = {}
         self.ops: dict[int, OpInfo] = {}
         self.ledger = MemoryLedger(gmem_bytes)
         self.busy_s = 0.0
@@ -567,6 +571,26 @@ class Executor:
             t = self.tensors.pop(h, None) if isinstance(h, int) else None
             if t is not None:
                 self.ledger.remove(t)
+            elif self.generators:
+                self.generators.pop(h, None)
+
+    def generator(self, gid: int) -> torch.Generator:
+        """The session's generator ``gid``; one the session has not seen yet starts as a new
+        torch.Generator does (the client sends a seed or a state only when it sets one).
+        Id 0 is the device's default generator (torch.cuda.default_generators)."""
+        if gid == 0:
+            if self.device.type == "cuda":
+                return torch.cuda.default_generators[self.device.index or 0]
+            return torch.default_generator
+        g = self.generators.get(gid)
+        if g is None:
+            if gid < 0:
+                raise SessionError("ProtocolError", f"generator id {gid} is negative")
+            if len(self.generators) >= MAX_GENERATORS:
+                raise SessionError("RuntimeError", f"a session may hold at most "
+                                   f"{MAX_GENERATORS} torch.Generator objects at once")
+            g = self.generators[gid] = torch.Generator(device=self.device)
+        return g
 
     def copy(self, dst: Any, src: Any) -> None:
         """Server-side copy between two of this session's tensors (never resizes)."""

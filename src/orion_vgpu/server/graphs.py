@@ -420,7 +420,8 @@ def _check_stream(data: Any, ex: Executor) -> list:
 
 
 def _unpack_all(data: bytes) -> list:
-    unpacker = msgpack.Unpacker(ext_hook=codec.make_ext_hook(Ref, META), raw=False,
+    # Generators stay ids here: this pass only checks which commands the stream holds.
+    unpacker = msgpack.Unpacker(ext_hook=codec.make_ext_hook(Ref, META, int), raw=False,
                                 strict_map_key=False, max_buffer_size=max(len(data), 1))
     unpacker.feed(data)
     out = list(unpacker)

@@ -114,7 +114,8 @@ class Plan:
     @classmethod
     def build(cls, data: bytes, ex: Executor, device: torch.device) -> Plan | None:
         """The plan of a stream, or None when it holds commands that are not planned."""
-        unpacker = msgpack.Unpacker(ext_hook=codec.make_ext_hook(_Ref, device), raw=False,
+        unpacker = msgpack.Unpacker(ext_hook=codec.make_ext_hook(_Ref, device, ex.generator),
+                                    raw=False,
                                     strict_map_key=False, max_buffer_size=max(len(data), 1))
         unpacker.feed(data)
         steps: list[Any] = []

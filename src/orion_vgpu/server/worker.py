@@ -39,7 +39,7 @@ from orion_vgpu.protocol.shm import (
 )
 from orion_vgpu.server import peer
 from orion_vgpu.server.collectives import Collectives
-from orion_vgpu.server.executor import Executor, SessionError, oom_message
+from orion_vgpu.server.executor import Executor, Missing, SessionError, oom_message
 from orion_vgpu.server.graphs import GraphStore
 from orion_vgpu.server.hostbuffers import HostBuffers, release
 from orion_vgpu.server.throttle import make_throttle
@@ -97,8 +97,8 @@ class Session:
         self.host_buffers: HostBuffers | None = None  # with the arena (client.hostpool)
         self.pending: SessionError | None = None
         self.unpacker = msgpack.Unpacker(
-            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device), raw=False,
-            strict_map_key=False, max_buffer_size=frames.MAX_BODY)
+            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device, self._generator),
+            raw=False, strict_map_key=False, max_buffer_size=frames.MAX_BODY)
         self.payload_left = 0
         self.packer = msgpack.Packer(default=codec.encode_default)
         self.end_reason: str | None = None  # set when the stream cannot go on (a stalled transfer)
@@ -108,9 +108,9 @@ class Session:
         self.collectives = Collectives(self.ex, self.device, spec["session_id"][:8])
         # CUDA-graph captures and torch.compile graphs the client defined (server/graphs.py)
         self.graphs = GraphStore(self.ex, self.device, self._execute, lambda: msgpack.Unpacker(
-            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device), raw=False,
-            strict_map_key=False, max_buffer_size=frames.MAX_BODY), spec["session_id"][:8],
-            self._fail)
+            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device, self._generator),
+            raw=False, strict_map_key=False, max_buffer_size=frames.MAX_BODY),
+            spec["session_id"][:8], self._fail)
 
     # handshake ---------------------------------------------------------------
     def welcome(self) -> None:
@@ -277,11 +277,11 @@ class Session:
         elif kind == m.CMD_UPLOAD:
             self._upload(cmd)
         elif kind == m.CMD_SEED:
-            self._seed(int(cmd[1]))
+            self._seed(int(cmd[1]), cmd[2] if len(cmd) > 2 else 0)
         elif kind == m.CMD_COPY:
             ex.copy(cmd[1], cmd[2])
         elif kind == m.CMD_RNG_SET:
-            self._rng_set(int(cmd[1]))
+            self._rng_set(int(cmd[1]), cmd[2] if len(cmd) > 2 else 0)
         elif kind == m.CMD_PEER_SEND:
             peer.offer(self.peer, ex, cmd)
         elif kind == m.CMD_PEER_RECV:
@@ -292,6 +292,8 @@ class Session:
             self.graphs.define(cmd)
         elif kind == m.CMD_GRAPH_RUN:
             self.graphs.run(cmd)
+        elif kind == m.CMD_DEFAULT_DTYPE:
+            self._default_dtype(cmd)
         else:
             raise SessionError("ProtocolError", f"unknown command kind {kind!r}")
 
@@ -324,7 +326,7 @@ class Session:
             self._reply([m.REPLY_OK, {"allocated": led.used, "peak": led.peak,
                                       "limit": led.limit, "ops": self.ex.n_ops}])
         elif kind == m.CMD_RNG_GET:
-            state = self._rng_state()
+            state = self._rng_state(cmd[1] if len(cmd) > 1 else 0)
             self._reply([m.REPLY_OK, state.numel()], [memoryview(state.numpy())])
         elif kind == m.CMD_PG_INIT:
             self._reply([m.REPLY_OK, self.collectives.init(cmd)])
@@ -537,28 +539,46 @@ class Session:
             raise SessionError("OutOfMemoryError", oom_message(0, self.ex.ledger))
         self._reply([m.REPLY_OK, kind, items])
 
-    def _seed(self, seed: int) -> None:
-        if self.device.type == "cuda":
+    def _default_dtype(self, cmd: list) -> None:
+        dtype = cmd[1] if len(cmd) == 2 else None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise SessionError("ProtocolError", f"default dtype {dtype!r} is not a floating "
+                               "dtype")
+        torch.set_default_dtype(dtype)  # this worker serves this one session
+
+    def _generator(self, gid: int) -> Any:
+        """A generator named in an op's arguments (decoding must not raise: the error is
+        the op's, reported at the next sync point, and the op fails on the placeholder)."""
+        try:
+            return self.ex.generator(gid)
+        except SessionError as exc:
+            self._fail(exc)
+            return Missing(gid)
+
+    def _gen(self, gid: Any) -> torch.Generator:
+        if type(gid) is not int:
+            raise SessionError("ProtocolError", f"generator id {gid!r} is not an integer")
+        return self.ex.generator(gid)
+
+    def _seed(self, seed: int, gid: Any = 0) -> None:
+        if gid == 0 and self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
-        else:
+        elif gid == 0:
             torch.manual_seed(seed)
+        else:
+            self._gen(gid).manual_seed(seed)
 
-    def _rng_state(self) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return torch.cuda.get_rng_state(self.device)
-        return torch.get_rng_state()
+    def _rng_state(self, gid: Any = 0) -> torch.Tensor:
+        return self._gen(gid).get_state()
 
-    def _rng_set(self, nbytes: int) -> None:
+    def _rng_set(self, nbytes: int, gid: Any = 0) -> None:
         if not 0 <= nbytes <= min(self.payload_left, 1 << 20):
             raise SessionError("ProtocolError", f"RNG state of {nbytes} bytes does not match "
                                "the frame's payload")
         state = torch.empty(nbytes, dtype=torch.uint8)
         frames.recv_exact_into(self.conn, memoryview(state.numpy()))
         self.payload_left -= nbytes
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
-        else:
-            torch.set_rng_state(state)
+        self._gen(gid).set_state(state)
 
     def stats(self) -> dict:
         return {"type": "stats", "mem_used_bytes": self.ex.ledger.used,

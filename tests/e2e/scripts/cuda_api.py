@@ -101,4 +101,14 @@ try:
     raise AssertionError("a sparse tensor reached the vGPU")
 except RuntimeError as exc:
     assert "not supported on a vGPU" in str(exc) and "to_dense" in str(exc), exc
+for make, wrong in ((lambda: torch.randn(3, generator=torch.Generator(device="cuda")), "'cuda'"),
+                    (lambda: torch.randn(3, device="cuda", generator=torch.Generator()), "'cpu'")):
+    try:
+        make()
+        raise AssertionError("a generator of the other device was accepted")
+    except RuntimeError as exc:  # PyTorch's own words for it
+        assert f"device type for generator but found {wrong}" in str(exc), exc
+gen = torch.Generator(device="cuda")
+assert gen.device == torch.device("cuda", 0) and isinstance(gen, torch.Generator)
+assert torch.cuda.default_generators[0].device.type == "cuda"
 print("RESULT ok")
