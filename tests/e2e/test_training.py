@@ -107,12 +107,15 @@ def test_deepcopy_of_models_state_and_tensors_matches_local(pool, tmp_path: Path
 #   legacy_types.py: torch.cuda.FloatTensor(2, 3) & co., isinstance and .type() with them,
 #     set_default_tensor_type (a CPU build refuses them all);
 #   default_dtype.py: set_default_dtype(float64) for factories, int/float promotions and a
-#     training step (the vGPU computed in float32 before).
+#     training step (the vGPU computed in float32 before);
+#   settings.py: deterministic algorithms (their memory fill), cuDNN flags, TF32, matmul
+#     precision, in order with the ops around them.
 @pytest.mark.parametrize("hooks", ["1", "0"])
 @pytest.mark.parametrize(("script", "lines"), [("indexing.py", 14), ("packed_rnn.py", 4),
                                                ("masking.py", 11), ("generators.py", 19),
                                                ("legacy_types.py", 16),
-                                               ("default_dtype.py", 13)])
+                                               ("default_dtype.py", 13),
+                                               ("settings.py", 7)])
 def test_script_matches_local(pool, tmp_path: Path, script: str, lines: int,
                               hooks: str) -> None:
     ctl, _ = pool

@@ -64,7 +64,10 @@ commands = st.one_of(
     st.tuples(st.just(m.CMD_RNG_SET), st.integers(-(2**40), 2**40)),
     st.tuples(st.sampled_from([m.CMD_STATS, m.CMD_SYNC, m.CMD_RNG_GET])),
     st.tuples(st.just(m.CMD_RNG_GET), st.one_of(handles, values)),
-    st.tuples(st.just(m.CMD_DEFAULT_DTYPE), values),
+    st.tuples(st.just(m.CMD_SETTINGS), st.one_of(
+        values, st.dictionaries(st.sampled_from(["default_dtype", "deterministic",
+                                                 "cudnn.benchmark", "x"]), values,
+                                max_size=2))),
     st.tuples(st.integers(-3, 20), values),
     values,  # not even a command
 )

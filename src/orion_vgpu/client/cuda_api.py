@@ -27,6 +27,7 @@ from orion_vgpu.client import (
     graphs,
     hooks,
     legacy_types,
+    settings,
 )
 from orion_vgpu.client.frontend import FactoryMode, RemoteTensor
 from orion_vgpu.client.runtime import get_runtime
@@ -791,33 +792,26 @@ def activate() -> None:
     frontend.install_meta_factories()
     generators.install(_cuda_index, device_count())
     legacy_types.install()
-    _follow_default_dtype()
+    _last_dtype[0] = torch.get_default_dtype()
+    settings.install(_settings_changed)  # after legacy_types: wraps its set_default_tensor_type
     if not _hooks_wanted():
         use_process_mode(VGPUMode)
     else:
         hooks.install(_create, _cuda_index, _TF_SPECIAL, VGPUMode)
 
 
-def _follow_default_dtype() -> None:
-    """torch.set_default_dtype(torch.float64) holds on the vGPUs too: factories without a
-    dtype and int-with-float promotions (arange(3) / 2) give float64 there, as here."""
-    orig = torch.set_default_dtype
-    if getattr(orig, "_orion_vgpu", False):
-        return
-
-    def set_default_dtype(d: torch.dtype) -> None:
-        orig(d)
-        default_dtype_changed()
-
-    set_default_dtype.__doc__ = orig.__doc__
-    set_default_dtype._orion_vgpu = True  # type: ignore[attr-defined]
-    torch.set_default_dtype = set_default_dtype
+_last_dtype = [torch.float32]
 
 
-def default_dtype_changed() -> None:
-    # Cached output descriptions of ops without a dtype were made with the old default.
-    frontend._meta_cache.clear()
-    get_runtime().default_dtype_changed()
+def _settings_changed() -> None:
+    """A torch setting changed (client/settings.py): the sessions follow, e.g. with
+    set_default_dtype(torch.float64) factories and int/float promotions give float64."""
+    dtype = torch.get_default_dtype()
+    if dtype is not _last_dtype[0]:
+        # Cached output descriptions of ops without a dtype were made with the old default.
+        frontend._meta_cache.clear()
+        _last_dtype[0] = dtype
+    get_runtime().sync_settings()
 
 
 def _hooks_wanted() -> bool:

@@ -73,8 +73,6 @@ def _set_default_tensor_type(t: Any) -> None:
     dtype = cuda_type_dtype(t)
     if dtype is None:
         _original_set_default_tensor_type(t)
-        from orion_vgpu.client.cuda_api import default_dtype_changed
-        default_dtype_changed()  # set below torch.set_default_dtype
         if _default_set_by_us:
             torch.set_default_device(None)
             _default_set_by_us = False

@@ -120,7 +120,7 @@ class Runtime:
         startup.update(allocate=t1 - t0, connect=t2 - t1)
         for dev, seed in self.seeds.items():
             self._send_seed(dev, seed)
-        self.default_dtype_changed()
+        self.sync_settings()
         places = ", ".join(f"{v['node_name']} gpu {v['gpu_index']} ({v['gmem_mib']} MiB"
                            f"{', emulated' if v.get('emulated') else ''})" for v in alloc["vgpus"])
         _say(f"Orion vGPU client runtime {__version__}: allocation {alloc['id']} granted "
@@ -166,13 +166,15 @@ class Runtime:
         if self.alloc is not None and dev < len(self.conns):
             self._send_seed(dev, seed)
 
-    def default_dtype_changed(self) -> None:
-        """Every session computes with the program's default dtype (float32 unless set)."""
-        import torch
-        dtype = torch.get_default_dtype()
+    def sync_settings(self) -> None:
+        """Every session runs the program's ops with its torch settings (client/settings)."""
+        if not self.conns:
+            return
+        from orion_vgpu.client import settings
+        values = settings.snapshot()
         for conn in self.conns:
-            if conn.default_dtype is not dtype and not conn.closed:
-                conn.set_default_dtype(dtype)
+            if not conn.closed:
+                conn.send_settings(values)
 
     def _send_seed(self, dev: int, seed: int) -> None:
         from orion_vgpu.protocol import messages as m

@@ -41,6 +41,7 @@ from orion_vgpu.protocol.shm import (
 )
 
 FLUSH_BYTES = 256 * 1024
+_UNSET = object()
 # The commands still in the buffer at a sync point are work the server starts only then: at
 # 512 an MLP step synced every 20 steps waited 5 ms for its last 416 ops (1.56 ms/step;
 # 1.40 at 128). Below 128, frames cost the tiny-op loop more than the tail saves.
@@ -69,7 +70,7 @@ class Connection:
         self.n_cmds = 0
         self.flush_at = FLUSH_FIRST
         self.frees: list[int] = []
-        self.default_dtype = torch.float32  # the server's, until set_default_dtype
+        self.settings: dict[str, Any] = {}  # what the session was sent (send_settings)
         self.arena: Arena | None = None
         self.host_pool: HostPool | None = None  # buffers downloads land in (arena sessions)
         self.defined: set[int] = set()
@@ -473,11 +474,14 @@ class Connection:
             self.payload.append(memoryview(state.numpy()))
             self.flush()
 
-    def set_default_dtype(self, dtype: torch.dtype) -> None:
+    def send_settings(self, values: dict) -> None:
+        """The program's torch settings (client/settings.py) the session does not have yet."""
         with self.lock:  # never part of a graph capture: it sets how later ops run
-            self.buf += self.packer.pack([m.CMD_DEFAULT_DTYPE, dtype])
-            self.n_cmds += 1
-            self.default_dtype = dtype
+            diff = {k: v for k, v in values.items() if self.settings.get(k, _UNSET) != v}
+            if diff:
+                self.buf += self.packer.pack([m.CMD_SETTINGS, diff])
+                self.n_cmds += 1
+                self.settings.update(diff)
 
     def seed_generator(self, gid: int, seed: int) -> None:
         self.push([m.CMD_SEED, seed, gid])

@@ -53,8 +53,10 @@ CMD_COLLECTIVE = 17
 CMD_GRAPH_DEF = 18
 # [19, graph_id, input_handles, out_handles]: run a kept graph (a stream takes no inputs).
 CMD_GRAPH_RUN = 19
-# [20, dtype]: the program's torch.set_default_dtype (a floating dtype) for the ops after it.
-CMD_DEFAULT_DTYPE = 20
+# [20, {name: value}]: process-wide torch settings of the program for the ops after it
+# (default dtype, deterministic algorithms, matmul precision, cuDNN/cuBLAS flags; the names
+# in server/settings.py), only those that changed.
+CMD_SETTINGS = 20
 
 ANSWERED = frozenset({CMD_FETCH, CMD_CALL, CMD_SYNC, CMD_STATS, CMD_RNG_GET, CMD_PROBE,
                       CMD_PG_INIT})

@@ -37,7 +37,7 @@ from orion_vgpu.protocol.shm import (
     prefer_huge_pages,
     stream_chunk,
 )
-from orion_vgpu.server import peer
+from orion_vgpu.server import peer, settings
 from orion_vgpu.server.collectives import Collectives
 from orion_vgpu.server.executor import Executor, Missing, SessionError, oom_message
 from orion_vgpu.server.graphs import GraphStore
@@ -292,8 +292,8 @@ class Session:
             self.graphs.define(cmd)
         elif kind == m.CMD_GRAPH_RUN:
             self.graphs.run(cmd)
-        elif kind == m.CMD_DEFAULT_DTYPE:
-            self._default_dtype(cmd)
+        elif kind == m.CMD_SETTINGS:
+            settings.apply(cmd[1] if len(cmd) == 2 else None)
         else:
             raise SessionError("ProtocolError", f"unknown command kind {kind!r}")
 
@@ -538,13 +538,6 @@ class Session:
             self.ex.free(describe.stored)
             raise SessionError("OutOfMemoryError", oom_message(0, self.ex.ledger))
         self._reply([m.REPLY_OK, kind, items])
-
-    def _default_dtype(self, cmd: list) -> None:
-        dtype = cmd[1] if len(cmd) == 2 else None
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise SessionError("ProtocolError", f"default dtype {dtype!r} is not a floating "
-                               "dtype")
-        torch.set_default_dtype(dtype)  # this worker serves this one session
 
     def _generator(self, gid: int) -> Any:
         """A generator named in an op's arguments (decoding must not raise: the error is
