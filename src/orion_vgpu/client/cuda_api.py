@@ -297,7 +297,7 @@ def _pack_padded(func: Any, args: tuple, kwargs: dict) -> Any:
                            f"dimension size ({x.size(0)}).")
     batch_sizes = [sum(1 for n in lens if n > t) for t in range(lens[0])]
     data = torch.cat([x[t, :b] for t, b in enumerate(batch_sizes)])
-    return data, torch.tensor(batch_sizes, dtype=torch.int64)
+    return data, torch.tensor(batch_sizes, dtype=torch.int64, device="cpu")
 
 
 def _ints(v: Any) -> list[int]:
@@ -329,7 +329,8 @@ def _ctc_loss(func: Any, args: tuple, kwargs: dict) -> Any:
     if zero_infinity:
         res = torch.where(res == float("inf"), res.new_zeros(()), res)
     if reduction == 1:  # at::Reduction::Mean: per target length, then over the batch
-        per = frontend.upload(torch.tensor(target_lengths, dtype=res.dtype).clamp_min(1),
+        per = frontend.upload(torch.tensor(target_lengths, dtype=res.dtype, device="cpu")
+                              .clamp_min(1),
                               res._dev)
         return (res / per).mean()
     if reduction == 2:
@@ -378,7 +379,8 @@ def _sdp_choice(q: Any, k: Any, v: Any, mask: Any, dropout_p: float, is_causal: 
     if choice is None:
         # The choice depends only on metadata; an emulated GPU answers as its CPU would.
         def host(t: Any) -> Any:
-            return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
+            return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                              device="cpu")
         choice = int(torch._fused_sdp_choice(host(q), host(k), host(v), host(mask), dropout_p,
                                              is_causal, scale=scale))
         _sdp_choices[key] = choice

@@ -202,7 +202,8 @@ class DistributedDataParallel(_RealDDP):
         """Parameters used on any rank (one small allreduce and fetch, as PyTorch's own)."""
         # An autograd thread: the torch-function mode that sends device="cuda" to the
         # pool is per thread, so upload explicitly.
-        flags = frontend.upload(torch.tensor(used, dtype=torch.int32), self.device.index)
+        flags = frontend.upload(torch.tensor(used, dtype=torch.int32, device="cpu"),
+                                self.device.index)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
         self.process_group.allreduce([flags], opts)

@@ -725,7 +725,7 @@ def _nbytes(shape: Any, stride: Any, offset: int, dtype: torch.dtype) -> int:
     if any(s == 0 for s in shape):
         return 0
     span = offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
-    return span * torch.empty((), dtype=dtype).element_size()
+    return span * dtype.itemsize
 
 
 _SIMPLE_INDEX = (int, slice, type(None), type(Ellipsis), RemoteTensor)
@@ -749,7 +749,8 @@ def _vgpu_index_item(i: Any, dev: int) -> Any:
     if isinstance(i, torch.Tensor):
         return upload(i, dev) if i.dim() > 0 and i.device.type == "cpu" else i
     if isinstance(i, list) and i and all(type(x) in (int, bool) for x in i):
-        return upload(torch.tensor(i), dev)  # PyTorch: a list of numbers is an index tensor
+        # PyTorch: a list of numbers is an index tensor
+        return upload(torch.tensor(i, device="cpu"), dev)
     if type(i).__module__ == "numpy" and getattr(i, "ndim", 0) > 0:
         return upload(torch.from_numpy(i), dev)
     return i  # anything else as PyTorch takes it

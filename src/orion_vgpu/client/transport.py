@@ -385,7 +385,7 @@ class Connection:
     def _fetched(self, reply: list) -> torch.Tensor:
         _, dtype, shape, nbytes, off = reply[:5]
         self.bytes_down += nbytes
-        out = torch.empty(shape, dtype=dtype)
+        out = torch.empty(shape, dtype=dtype, device="cpu")  # whatever the default device
         if nbytes:
             prefer_huge_pages(out)
             raw = out.reshape(-1).view(torch.uint8)
@@ -462,7 +462,7 @@ class Connection:
         """The state of the vGPU's default generator, or of the program's generator ``gid``."""
         with self.lock:
             reply = self.request([m.CMD_RNG_GET, gid] if gid else [m.CMD_RNG_GET])
-            state = torch.empty(int(reply[1]), dtype=torch.uint8)
+            state = torch.empty(int(reply[1]), dtype=torch.uint8, device="cpu")
             frames.recv_exact_into(self.sock, memoryview(state.numpy()))
             return state
 

@@ -52,6 +52,17 @@ if hooks:
 # The default device.
 torch.set_default_device("cuda")
 assert torch.ones(2).device.type == "cuda" and torch.randn(3).device.type == "cuda"
+# The runtime's own host buffers stay on the host (a fetch into a vGPU tensor lost the
+# session): RNG states, downloads, index lists, packed sequences' batch sizes.
+state = torch.cuda.get_rng_state()
+assert state.device.type == "cpu" and len(torch.cuda.get_rng_state_all()) == 1
+torch.cuda.set_rng_state(state)
+assert torch.Generator(device="cuda").get_state().device.type == "cpu"
+d = torch.arange(6.0).reshape(2, 3)
+assert d.cpu().tolist() == [[0, 1, 2], [3, 4, 5]] and d[[1, 0]][0, 0].item() == 3.0
+packed = torch.nn.utils.rnn.pack_padded_sequence(
+    d.reshape(2, 3, 1), torch.tensor([3, 1], device="cpu"), batch_first=True)
+assert packed.batch_sizes.device.type == "cpu" and packed.batch_sizes.tolist() == [2, 1, 1]
 torch.set_default_device(None)
 assert torch.ones(2).device.type == "cpu"
 # vGPU tensors: item, unique, attention, pinning.
