@@ -21,6 +21,7 @@ from torch.utils._device import DeviceContext
 
 from orion_vgpu.client import (
     autocast,
+    cuda_memory,
     distributed,
     frontend,
     generators,
@@ -584,9 +585,37 @@ def mem_get_info(device: Any = None) -> tuple[int, int]:
 
 
 def memory_stats(device: Any = None) -> dict[str, int]:
-    cur, peak = memory_allocated(device), max_memory_allocated(device)
-    return {"allocated_bytes.all.current": cur, "allocated_bytes.all.peak": peak,
-            "reserved_bytes.all.current": cur, "reserved_bytes.all.peak": peak}
+    return cuda_memory.memory_stats(_index(device))
+
+
+def set_per_process_memory_fraction(fraction: float, device: Any = None) -> None:
+    cuda_memory.set_per_process_memory_fraction(fraction, _index(device))
+
+
+def get_per_process_memory_fraction(device: Any = None) -> float:
+    return cuda_memory.get_per_process_memory_fraction(_index(device))
+
+
+def can_device_access_peer(device: Any, peer_device: Any) -> bool:
+    """vGPUs of a program copy to each other (server to server where they can)."""
+    n = device_count()
+    return 0 <= _index(device) < n and 0 <= _index(peer_device) < n
+
+
+class _SyncDebug:
+    mode = 0
+
+
+def set_sync_debug_mode(debug_mode: Any) -> None:
+    _SyncDebug.mode = {"default": 0, "warn": 1, "error": 2}.get(debug_mode, debug_mode)
+
+
+def get_sync_debug_mode() -> int:
+    return int(_SyncDebug.mode)
+
+
+def set_stream(s: Any) -> None:
+    """A vGPU session runs its work in order on one stream: nothing to switch."""
 
 
 def server_memory_stats(device: Any = None) -> dict[str, int]:
@@ -639,6 +668,11 @@ class Stream:
         self.device = torch.device("cuda", current_device() if device is None
                                    else _cuda_index(device) or 0)
         self.priority = priority
+        # What code that hands a stream to torch.cuda or to a library reads of it.
+        self.device_index = self.device.index
+        self.device_type = 1  # c10::DeviceType::CUDA
+        self.stream_id = 0
+        self.cuda_stream = 0
 
     def synchronize(self) -> None:
         synchronize(self.device)
@@ -759,6 +793,15 @@ _CUDA_FUNCS = {
     "CUDAGraph": graphs.CUDAGraph, "graph": graphs.graph,
     "graph_pool_handle": graphs.graph_pool_handle,
     "make_graphed_callables": graphs.make_graphed_callables,
+    "set_per_process_memory_fraction": set_per_process_memory_fraction,
+    "get_per_process_memory_fraction": get_per_process_memory_fraction,
+    "memory_snapshot": cuda_memory.memory_snapshot,
+    "_record_memory_history": cuda_memory.no_op,
+    "reset_accumulated_memory_stats": cuda_memory.no_op,
+    "reset_max_memory_allocated": reset_peak_memory_stats,
+    "get_allocator_backend": lambda: "native", "ipc_collect": cuda_memory.no_op,
+    "set_stream": set_stream, "can_device_access_peer": can_device_access_peer,
+    "set_sync_debug_mode": set_sync_debug_mode, "get_sync_debug_mode": get_sync_debug_mode,
 }
 
 
@@ -794,6 +837,7 @@ def activate() -> None:
     frontend.install_meta_factories()
     generators.install(_cuda_index, device_count())
     legacy_types.install()
+    cuda_memory.install_nvtx()
     _last_dtype[0] = torch.get_default_dtype()
     settings.install(_settings_changed)  # after legacy_types: wraps its set_default_tensor_type
     if not _hooks_wanted():

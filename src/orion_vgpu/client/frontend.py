@@ -113,6 +113,12 @@ class RemoteTensor(torch.Tensor):
             return self.to(device=device, dtype=target, non_blocking=non_blocking)
         return super().type(dtype, non_blocking, **kwargs)
 
+    def record_stream(self, stream: Any) -> None:
+        """A vGPU session runs its work in order: no stream outlives another's use."""
+
+    def share_memory_(self) -> RemoteTensor:
+        return self  # as for a CUDA tensor: already shareable, nothing to move
+
     def __copy__(self) -> RemoteTensor:
         """copy.copy: a tensor sharing this one's memory on the same vGPU, as PyTorch's
         (which rebuilds it from the storage: this one's __reduce_ex__ is for torch.save
@@ -193,22 +199,26 @@ class Storage:
             pass
 
 
-_limits: dict[int, int] = {}  # the quota of each vGPU: fixed for the life of its session
+_limits: dict[int, int] = {}  # the quota of each vGPU (or the program's fraction of it)
+_fraction_set: set[int] = set()  # vGPUs whose limit is set_per_process_memory_fraction's
 
 
-def check_quota(dev: int, nbytes: int) -> None:
+def check_quota(dev: int, nbytes: int, used: int | None = None) -> None:
     if nbytes <= 0:
         return
     limit = _limits.get(dev)
     if limit is None:
         limit = _limits[dev] = get_runtime().quota(dev)
-    used = used_bytes.get(dev, 0)
+    if used is None:
+        used = used_bytes.get(dev, 0)
     if limit and used + nbytes > limit:
         mib = 1 << 20
+        why = ("the program's torch.cuda.set_per_process_memory_fraction" if dev in _fraction_set
+               else "ORION_GMEM quota")
         raise torch.OutOfMemoryError(
             f"CUDA out of memory. Tried to allocate {nbytes / mib:.2f} MiB. vGPU {dev} has a "
             f"total capacity of {limit / mib:.2f} MiB of which {(limit - used) / mib:.2f} MiB is "
-            f"free (ORION_GMEM quota). Ask for a larger ORION_GMEM or use less memory.")
+            f"free ({why}). Ask for a larger ORION_GMEM or use less memory.")
 
 
 _new_tuple = tuple.__new__
@@ -689,7 +699,15 @@ def _probe(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int, inputs: li
     if not any(it[0] == "value" for it in items):
         _meta_cache[key] = spec
     handles = iter(h for h in _new_handles(items))
-    return _build(spec, inputs, dev, [], handles)
+    out = _build(spec, inputs, dev, [], handles)
+    limit = _limits.get(dev)
+    if limit and fresh and used_bytes.get(dev, 0) > limit:
+        # Over a limit below the server's (set_per_process_memory_fraction): dropping the
+        # outputs frees them; the error is the one a later call of this op gets up front.
+        used = used_bytes[dev] - fresh
+        del out
+        check_quota(dev, fresh, used)
+    return out
 
 
 def _new_handles(items: list) -> list[int]:

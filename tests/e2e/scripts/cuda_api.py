@@ -108,6 +108,29 @@ for make, wrong in ((lambda: torch.randn(3, generator=torch.Generator(device="cu
         raise AssertionError("a generator of the other device was accepted")
     except RuntimeError as exc:  # PyTorch's own words for it
         assert f"device type for generator but found {wrong}" in str(exc), exc
+# Memory diagnostics and profiler ranges training scripts call (a CPU build raises).
+assert "PyTorch CUDA memory summary" in torch.cuda.memory_summary()
+assert torch.cuda.memory_stats()["allocated_bytes.all.current"] == torch.cuda.memory_allocated()
+total = torch.cuda.get_device_properties(0).total_memory
+torch.cuda.set_per_process_memory_fraction(0.25)
+assert torch.cuda.get_per_process_memory_fraction() == 0.25
+for size in (int(total * 0.3) // 4, int(total * 0.3) // 4 + 1):  # new shape, then cached
+    try:
+        torch.empty(size, device="cuda")
+        raise AssertionError("an allocation over the memory fraction succeeded")
+    except torch.OutOfMemoryError as exc:
+        assert "set_per_process_memory_fraction" in str(exc), exc
+torch.cuda.set_per_process_memory_fraction(1.0)
+assert torch.empty(int(total * 0.3) // 4, device="cuda").numel() > 0
+with torch.cuda.nvtx.range("step {}", 1):
+    torch.cuda.nvtx.mark("inside")
+    assert torch.cuda.nvtx.range_push("x") == 1 and torch.cuda.nvtx.range_pop() == 1
+torch.cuda.set_stream(torch.cuda.current_stream())
+r = torch.ones(2, device="cuda")
+r.record_stream(torch.cuda.current_stream())
+assert r.share_memory_() is r and torch.cuda.can_device_access_peer(0, 0)
+assert torch.cuda.memory_snapshot() == [] and torch.cuda.get_allocator_backend() == "native"
+torch.cuda.memory._record_memory_history()
 gen = torch.Generator(device="cuda")
 assert gen.device == torch.device("cuda", 0) and isinstance(gen, torch.Generator)
 assert torch.cuda.default_generators[0].device.type == "cuda"
