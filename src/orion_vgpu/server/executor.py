@@ -802,12 +802,13 @@ class Executor:
                 if len(flat) != len(outs):
                     raise SessionError("RuntimeError", f"operator returned {len(flat)} tensors, "
                                        f"client expected {len(outs)}")
+                recount = info.recount or snapshot is not None
                 for h, t in zip(outs, flat, strict=True):
                     if h > 0:
                         self._check_storable(t)
                         self._hold(h, t)
                         stored.append(h)
-                    else:
+                    elif recount:  # an input returned: only these ops change its storage
                         ledger.refresh(t)
         except SessionError:
             self._undo(stored, snapshot)
