@@ -91,8 +91,8 @@ class Generator(_Base, metaclass=_GeneratorType):
 
     def set_state(self, state: torch.Tensor) -> Generator:  # type: ignore[override]
         if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
-            raise TypeError("expected a torch.ByteTensor, but got "
-                            f"{type(state).__name__ if not isinstance(state, torch.Tensor) else state.dtype}")
+            got = state.dtype if isinstance(state, torch.Tensor) else type(state).__name__
+            raise TypeError(f"expected a torch.ByteTensor, but got {got}")
         _conn(self).set_rng_state(state.cpu(), self._gid)
         return self
 
