@@ -79,3 +79,15 @@ def test_a_bad_map_changes_nothing(snapshots: list[dict], bad: object) -> None:
         server_settings.apply(bad if not isinstance(bad, dict)
                               else {"cudnn.deterministic": True, **bad})
     assert settings.snapshot() == before
+
+
+def test_a_new_session_starts_from_the_defaults_the_client_assumes() -> None:
+    """The client sends only what differs from DEFAULTS: they must be a new process's."""
+    import subprocess
+    import sys
+    code = ("import torch; from orion_vgpu.client import settings as c; "
+            "from orion_vgpu.server import settings as s; "
+            "assert c.snapshot() == c.DEFAULTS, c.snapshot(); "
+            "assert {k: f() for k, f in s.GETTERS.items()} == c.DEFAULTS; print('same')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "same", out.stderr[-800:]

@@ -35,6 +35,13 @@ READERS: dict[str, Callable[[], Any]] = {
     "matmul.allow_tf32": torch._C._get_cublas_allow_tf32,
 }
 
+# What a new session has (PyTorch's defaults): only the settings that differ are sent.
+DEFAULTS: dict[str, Any] = {
+    "default_dtype": torch.float32, "deterministic": [False, False],
+    "fill_uninitialized_memory": True, "float32_matmul_precision": "highest",
+    "cudnn.enabled": True, "cudnn.benchmark": False, "cudnn.deterministic": False,
+    "cudnn.allow_tf32": True, "matmul.allow_tf32": False,
+}
 _on_change: Callable[[], None] | None = None
 _installed = False
 

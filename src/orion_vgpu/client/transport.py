@@ -18,6 +18,7 @@ import msgpack
 import torch
 
 from orion_vgpu import PROTOCOL_VERSION, __version__
+from orion_vgpu.client import settings as client_settings
 from orion_vgpu.client.errors import OrionError, raise_remote
 from orion_vgpu.client.hostpool import (
     ONE_COPY_MIN,
@@ -70,7 +71,8 @@ class Connection:
         self.n_cmds = 0
         self.flush_at = FLUSH_FIRST
         self.frees: list[int] = []
-        self.settings: dict[str, Any] = {}  # what the session was sent (send_settings)
+        # What the session has: PyTorch's defaults, then what send_settings sent.
+        self.settings: dict[str, Any] = dict(client_settings.DEFAULTS)
         self.arena: Arena | None = None
         self.host_pool: HostPool | None = None  # buffers downloads land in (arena sessions)
         self.defined: set[int] = set()
