@@ -35,17 +35,12 @@ KINDS = ("eager", "graphed", "compile", "compile_all")
 
 def workload(kind: str, steps: int) -> dict:
     import torch
-    import torch.nn as nn
     import torch.nn.functional as F
 
+    from workloads import mlp_setup
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(4):
-        layers += [nn.Linear(64, 64), nn.ReLU()]
-    model = nn.Sequential(*layers).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = torch.randn(32, 64).to(dev), torch.randn(32, 64).to(dev)
+    model, opt, x, y = mlp_setup(dev)
     t0 = time.perf_counter()
     fwd = model
     if kind == "graphed":

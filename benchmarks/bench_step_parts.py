@@ -30,17 +30,12 @@ PARTS = ("zero_grad", "forward", "backward", "optimizer")
 
 def workload(steps: int) -> dict:
     import torch
-    import torch.nn as nn
     import torch.nn.functional as F
 
+    from workloads import mlp_setup
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(4):
-        layers += [nn.Linear(64, 64), nn.ReLU()]
-    model = nn.Sequential(*layers).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = torch.randn(32, 64).to(dev), torch.randn(32, 64).to(dev)
+    model, opt, x, y = mlp_setup(dev)
     spent: dict[str, list[float]] = {p: [] for p in PARTS}
     for i in range(steps + 100):
         t0 = time.perf_counter()

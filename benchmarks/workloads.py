@@ -66,16 +66,22 @@ def cnn_step(steps: int) -> dict:
     return {"ms_per_step": statistics.median(times) * 1e3}
 
 
-def mlp_step(steps: int, graph: bool = False, fused: bool = False) -> dict:
-    """4-layer MLP of width 64: forward, backward, Adam step (op-bound). ``fused``: Adam's
-    one-kernel implementation (PyTorch's own choice for CUDA graphs), else its default."""
+def mlp_setup(dev: str, capturable: bool = False, fused: bool | None = None) -> tuple:
+    """The MLP step's model (4 layers of width 64), Adam, and a batch of 32: (model, opt,
+    x, y), seeded (bench_step_parts.py and bench_graphs.py time parts of the same step)."""
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for _ in range(4):
         layers += [nn.Linear(64, 64), nn.ReLU()]
-    model = nn.Sequential(*layers).to(DEV)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graph, fused=fused or None)
-    x, y = torch.randn(32, 64).to(DEV), torch.randn(32, 64).to(DEV)
+    model = nn.Sequential(*layers).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=capturable, fused=fused)
+    return model, opt, torch.randn(32, 64).to(dev), torch.randn(32, 64).to(dev)
+
+
+def mlp_step(steps: int, graph: bool = False, fused: bool = False) -> dict:
+    """4-layer MLP of width 64: forward, backward, Adam step (op-bound). ``fused``: Adam's
+    one-kernel implementation (PyTorch's own choice for CUDA graphs), else its default."""
+    model, opt, x, y = mlp_setup(DEV, capturable=graph, fused=fused or None)
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)

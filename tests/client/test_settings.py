@@ -11,21 +11,22 @@ import torch
 import torch.utils.deterministic
 
 from orion_vgpu.client import settings
+from orion_vgpu.protocol.settings import READERS, snapshot
 from orion_vgpu.server import settings as server_settings
 from orion_vgpu.server.executor import SessionError
 
 
 @pytest.fixture()
 def snapshots() -> Iterator[list[dict]]:
-    original = settings.snapshot()
+    original = snapshot()
     seen: list[dict] = []
-    settings.install(lambda: seen.append(settings.snapshot()))
+    settings.install(lambda: seen.append(snapshot()))
     try:
         yield seen
     finally:
         settings._on_change = None
         server_settings.apply(original)
-        assert settings.snapshot() == original
+        assert snapshot() == original
 
 
 CASES = [
@@ -65,29 +66,27 @@ def test_the_server_sets_what_the_client_reads(snapshots: list[dict]) -> None:
                "fill_uninitialized_memory": False, "float32_matmul_precision": "high",
                "cudnn.enabled": False, "cudnn.benchmark": True, "cudnn.deterministic": True,
                "cudnn.allow_tf32": False, "matmul.allow_tf32": True}
-    assert changed.keys() == settings.READERS.keys() == server_settings.SETTERS.keys()
+    assert changed.keys() == READERS.keys() == server_settings.SETTERS.keys()
     server_settings.apply(changed)
-    assert settings.snapshot() == changed
+    assert snapshot() == changed
 
 
 @pytest.mark.parametrize("bad", [{"cudnn.benchmark": 1}, {"default_dtype": torch.int32},
                                  {"deterministic": [True]}, {"nope": True}, [1, 2],
                                  {"float32_matmul_precision": "low"}])
 def test_a_bad_map_changes_nothing(snapshots: list[dict], bad: object) -> None:
-    before = settings.snapshot()
+    before = snapshot()
     with pytest.raises(SessionError, match="setting|settings"):
         server_settings.apply(bad if not isinstance(bad, dict)
                               else {"cudnn.deterministic": True, **bad})
-    assert settings.snapshot() == before
+    assert snapshot() == before
 
 
 def test_a_new_session_starts_from_the_defaults_the_client_assumes() -> None:
     """The client sends only what differs from DEFAULTS: they must be a new process's."""
     import subprocess
     import sys
-    code = ("import torch; from orion_vgpu.client import settings as c; "
-            "from orion_vgpu.server import settings as s; "
-            "assert c.snapshot() == c.DEFAULTS, c.snapshot(); "
-            "assert {k: f() for k, f in s.GETTERS.items()} == c.DEFAULTS; print('same')")
+    code = ("import torch; from orion_vgpu.protocol import settings as p; "
+            "assert p.snapshot() == p.DEFAULTS, p.snapshot(); print('same')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "same", out.stderr[-800:]

@@ -21,7 +21,6 @@ from orion_vgpu.client.runtime import get_runtime
 _METRICS = ("allocated_bytes", "active_bytes", "requested_bytes", "reserved_bytes",
             "inactive_split_bytes", "allocation", "active", "segment", "inactive_split")
 _POOLS = ("all", "large_pool", "small_pool")
-_fractions: dict[int, float] = {}
 
 
 def memory_stats(idx: int) -> dict[str, int]:
@@ -48,12 +47,11 @@ def set_per_process_memory_fraction(fraction: float, idx: int) -> None:
         raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
     quota = get_runtime().quota(idx)
     frontend._limits[idx] = max(int(quota * fraction), 1) if quota else 0
-    frontend._fraction_set.add(idx)
-    _fractions[idx] = float(fraction)
+    frontend._fractions[idx] = float(fraction)
 
 
 def get_per_process_memory_fraction(idx: int) -> float:
-    return _fractions.get(idx, 1.0)
+    return frontend._fractions.get(idx, 1.0)
 
 
 def no_op(*args: Any, **kwargs: Any) -> None:

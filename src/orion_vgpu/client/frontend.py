@@ -200,7 +200,7 @@ class Storage:
 
 
 _limits: dict[int, int] = {}  # the quota of each vGPU (or the program's fraction of it)
-_fraction_set: set[int] = set()  # vGPUs whose limit is set_per_process_memory_fraction's
+_fractions: dict[int, float] = {}  # set_per_process_memory_fraction's, per vGPU
 
 
 def check_quota(dev: int, nbytes: int, used: int | None = None) -> None:
@@ -213,7 +213,7 @@ def check_quota(dev: int, nbytes: int, used: int | None = None) -> None:
         used = used_bytes.get(dev, 0)
     if limit and used + nbytes > limit:
         mib = 1 << 20
-        why = ("the program's torch.cuda.set_per_process_memory_fraction" if dev in _fraction_set
+        why = ("the program's torch.cuda.set_per_process_memory_fraction" if dev in _fractions
                else "ORION_GMEM quota")
         raise torch.OutOfMemoryError(
             f"CUDA out of memory. Tried to allocate {nbytes / mib:.2f} MiB. vGPU {dev} has a "

@@ -55,15 +55,8 @@ class Generator(_Base, metaclass=_GeneratorType):
         if idx is None:
             return _Base() if device is None else _Base(device)
         from orion_vgpu.client import frontend
-        g = _Base.__new__(cls, "cpu")
-        g._vdev, g._gid, g._seed = idx, frontend._next_handle(), DEFAULT_SEED
         _bind_free(frontend._free)
-        # PyTorch hands an op a new Python object for the same C generator: its C seed,
-        # unused otherwise, is how the op's generator argument is known to be this one.
-        g._tag = secrets.randbits(64)
-        _Base.manual_seed(g, g._tag)
-        _tags[g._tag] = (idx, g._gid)
-        return g
+        return _new(cls, idx, frontend._next_handle())
 
     @property  # type: ignore[override]
     def device(self) -> torch.device:
@@ -130,12 +123,7 @@ class DefaultGenerator(Generator):
     one ``torch.cuda.manual_seed`` seeds and vGPU ops without a generator draw from."""
 
     def __new__(cls, idx: int) -> Any:
-        g = _Base.__new__(cls, "cpu")
-        g._vdev, g._gid, g._seed = idx, 0, DEFAULT_SEED
-        g._tag = secrets.randbits(64)  # passed as generator=, it names id 0 on its vGPU
-        _Base.manual_seed(g, g._tag)
-        _tags[g._tag] = (idx, 0)
-        return g
+        return _new(cls, idx, 0)
 
     def manual_seed(self, seed: Any) -> Generator:  # type: ignore[override]
         from orion_vgpu.client.runtime import get_runtime
@@ -147,6 +135,17 @@ class DefaultGenerator(Generator):
     def initial_seed(self) -> int:  # type: ignore[override]
         from orion_vgpu.client.runtime import get_runtime
         return get_runtime().seeds.get(self._vdev, self._seed)
+
+
+def _new(cls: type, idx: int, gid: int) -> Any:
+    g = _Base.__new__(cls, "cpu")
+    g._vdev, g._gid, g._seed = idx, gid, DEFAULT_SEED
+    # PyTorch hands an op a new Python object for the same C generator: its C seed,
+    # unused otherwise, is how the op's generator argument is known to be this one.
+    g._tag = secrets.randbits(64)
+    _Base.manual_seed(g, g._tag)
+    _tags[g._tag] = (idx, gid)
+    return g
 
 
 def _restore(idx: int, seed: int, state: torch.Tensor) -> Generator:

@@ -170,8 +170,8 @@ class Runtime:
         """Every session runs the program's ops with its torch settings (client/settings)."""
         if not self.conns:
             return
-        from orion_vgpu.client import settings
-        values = settings.snapshot()
+        from orion_vgpu.protocol.settings import snapshot
+        values = snapshot()
         for conn in self.conns:
             if not conn.closed:
                 conn.send_settings(values)

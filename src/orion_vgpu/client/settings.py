@@ -21,33 +21,8 @@ import torch.backends.cuda
 import torch.backends.cudnn
 import torch.utils.deterministic
 
-# name -> how to read it here (server/settings.py applies the same names)
-READERS: dict[str, Callable[[], Any]] = {
-    "default_dtype": torch.get_default_dtype,
-    "deterministic": lambda: [torch.are_deterministic_algorithms_enabled(),
-                              torch.is_deterministic_algorithms_warn_only_enabled()],
-    "fill_uninitialized_memory": lambda: torch.utils.deterministic.fill_uninitialized_memory,
-    "float32_matmul_precision": torch.get_float32_matmul_precision,
-    "cudnn.enabled": torch._C._get_cudnn_enabled,
-    "cudnn.benchmark": torch._C._get_cudnn_benchmark,
-    "cudnn.deterministic": torch._C._get_cudnn_deterministic,
-    "cudnn.allow_tf32": torch._C._get_cudnn_allow_tf32,
-    "matmul.allow_tf32": torch._C._get_cublas_allow_tf32,
-}
-
-# What a new session has (PyTorch's defaults): only the settings that differ are sent.
-DEFAULTS: dict[str, Any] = {
-    "default_dtype": torch.float32, "deterministic": [False, False],
-    "fill_uninitialized_memory": True, "float32_matmul_precision": "highest",
-    "cudnn.enabled": True, "cudnn.benchmark": False, "cudnn.deterministic": False,
-    "cudnn.allow_tf32": True, "matmul.allow_tf32": False,
-}
 _on_change: Callable[[], None] | None = None
 _installed = False
-
-
-def snapshot() -> dict[str, Any]:
-    return {name: read() for name, read in READERS.items()}
 
 
 def changed() -> None:

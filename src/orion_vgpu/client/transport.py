@@ -18,7 +18,6 @@ import msgpack
 import torch
 
 from orion_vgpu import PROTOCOL_VERSION, __version__
-from orion_vgpu.client import settings as client_settings
 from orion_vgpu.client.errors import OrionError, raise_remote
 from orion_vgpu.client.hostpool import (
     ONE_COPY_MIN,
@@ -29,6 +28,7 @@ from orion_vgpu.client.hostpool import (
 )
 from orion_vgpu.protocol import codec, frames
 from orion_vgpu.protocol import messages as m
+from orion_vgpu.protocol import settings as settings_protocol
 from orion_vgpu.protocol.shm import (
     STREAM_MIN_BYTES,
     Arena,
@@ -72,7 +72,7 @@ class Connection:
         self.flush_at = FLUSH_FIRST
         self.frees: list[int] = []
         # What the session has: PyTorch's defaults, then what send_settings sent.
-        self.settings: dict[str, Any] = dict(client_settings.DEFAULTS)
+        self.settings: dict[str, Any] = dict(settings_protocol.DEFAULTS)
         self.arena: Arena | None = None
         self.host_pool: HostPool | None = None  # buffers downloads land in (arena sessions)
         self.defined: set[int] = set()

@@ -55,7 +55,7 @@ CMD_GRAPH_DEF = 18
 CMD_GRAPH_RUN = 19
 # [20, {name: value}]: process-wide torch settings of the program for the ops after it
 # (default dtype, deterministic algorithms, matmul precision, cuDNN/cuBLAS flags; the names
-# in server/settings.py), only those that changed.
+# in protocol/settings.py), only those that changed.
 CMD_SETTINGS = 20
 
 ANSWERED = frozenset({CMD_FETCH, CMD_CALL, CMD_SYNC, CMD_STATS, CMD_RNG_GET, CMD_PROBE,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.utils.deterministic
 
+from orion_vgpu.protocol.settings import READERS
 from orion_vgpu.server.executor import SessionError
 
 PRECISIONS = ("highest", "high", "medium")
@@ -27,24 +28,6 @@ def _set_fill(v: bool) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = v  # type: ignore[attr-defined]
 
 
-def _deterministic() -> list[bool]:
-    return [torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled()]
-
-
-# name -> what it is now (a setter is called only for a change: the first call of
-# use_deterministic_algorithms takes most of a second)
-GETTERS: dict[str, Callable[[], Any]] = {
-    "default_dtype": torch.get_default_dtype,
-    "deterministic": _deterministic,
-    "fill_uninitialized_memory": lambda: torch.utils.deterministic.fill_uninitialized_memory,
-    "float32_matmul_precision": torch.get_float32_matmul_precision,
-    "cudnn.enabled": torch._C._get_cudnn_enabled,
-    "cudnn.benchmark": torch._C._get_cudnn_benchmark,
-    "cudnn.deterministic": torch._C._get_cudnn_deterministic,
-    "cudnn.allow_tf32": torch._C._get_cudnn_allow_tf32,
-    "matmul.allow_tf32": torch._C._get_cublas_allow_tf32,
-}
 # name -> (valid value?, setter)
 SETTERS: dict[str, tuple[Callable[[Any], bool], Callable[[Any], Any]]] = {
     "default_dtype": (lambda v: isinstance(v, torch.dtype) and v.is_floating_point,
@@ -73,5 +56,6 @@ def apply(values: Any) -> None:
         if not entry[0](value):
             raise SessionError("ProtocolError", f"setting {name} cannot be {value!r:.40}")
     for name, value in values.items():
-        if GETTERS[name]() != value:
+        # Only a change: the first use_deterministic_algorithms call takes most of a second.
+        if READERS[name]() != value:
             SETTERS[name][1](value)

@@ -554,12 +554,7 @@ class Session:
         return self.ex.generator(gid)
 
     def _seed(self, seed: int, gid: Any = 0) -> None:
-        if gid == 0 and self.device.type == "cuda":
-            torch.cuda.manual_seed(seed)
-        elif gid == 0:
-            torch.manual_seed(seed)
-        else:
-            self._gen(gid).manual_seed(seed)
+        self._gen(gid).manual_seed(seed)  # id 0: the device's default generator
 
     def _rng_state(self, gid: Any = 0) -> torch.Tensor:
         return self._gen(gid).get_state()
