@@ -87,3 +87,12 @@ def test_host_buffers_carry_large_transfers_as_local(pool, tmp_path: Path, cache
     assert (1 <= made <= 8) if cache == "" else made == 0, proc.stdout
     for name in field(proc.stdout, "NAMES").split():
         assert not (Path("/dev/shm") / name).exists(), name
+
+
+def test_the_server_sees_when_a_program_waits(pool, tmp_path: Path) -> None:
+    """An emulated GPU gives a co-located program's core back to its ops only while the
+    program waits for a reply: the arena carries that state (Executor.client_running)."""
+    ctl, _ = pool
+    proc = run_script("client_waiting.py", client_env(ctl, tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["WAITING", "True", "RUNNING", "True", "True"], proc.stdout

@@ -68,3 +68,17 @@ def test_good_names_pass() -> None:
     os.environ.pop("ORION_SHM_DIR", None)
     assert validate_path("/dev/shm/orionsock0") == "/dev/shm/orionsock0"
     assert validate_path("/dev/shm/orion-0123abcd")
+
+
+def test_the_server_sees_when_the_client_waits(shm_dir: Path) -> None:
+    """The client marks its waits for a reply in the arena; the server's mapping sees it."""
+    path = str(shm_dir / "orion-00112233445566778899")
+    client = Arena(path, SIZE, create=True)
+    server = Arena(path)
+    assert server.client_running()
+    client.set_waiting(True)
+    assert not server.client_running()
+    client.set_waiting(False)
+    assert server.client_running()
+    client.close()
+    server.close()

@@ -9,6 +9,7 @@ import torch
 
 from orion_vgpu.protocol import codec
 from orion_vgpu.server.executor import Executor, SessionError
+from orion_vgpu.server.replay import Plan
 
 H = codec.handle_ext
 
@@ -99,5 +100,32 @@ def test_an_emulated_gpu_runs_small_ops_on_one_thread(
         _run(ex, unpacker, [1, 3, [[H(1), H(1)]], {}, [12]])     # a list of small tensors
         assert torch.get_num_threads() == small_threads
         assert torch.equal(ex.tensors[11], torch.full((1 << 18,), 2.0))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_running_client_on_the_host_keeps_one_core() -> None:
+    """While a co-located client issues ops (it holds a core), a large op takes one thread
+    fewer; while the client waits for a reply, all of them. Graph replays alike."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    running = [True]
+    try:
+        ex, unpacker = _session()
+        ex.client_running = lambda: running[0]
+        ex.store(3, torch.ones(1 << 18))
+        _run(ex, unpacker, [1, 1, [H(3), H(3)], {}, [11]])      # a large op, client running
+        assert torch.get_num_threads() == 1
+        running[0] = False
+        _run(ex, unpacker, [1, 1, [H(3), H(3)], {}, [12]])      # the client waits
+        assert torch.get_num_threads() == 2
+        stream = msgpack.packb([1, 1, [H(3), H(11)], {}, [13]], default=codec.encode_default)
+        plan = Plan.build(stream, ex, ex.device)
+        assert plan is not None
+        for state, threads in ((True, 1), (False, 2), (True, 1)):
+            running[0] = state
+            plan.run(lambda exc: pytest.fail(str(exc)))
+            assert torch.get_num_threads() == threads
+        assert torch.equal(ex.tensors[13], torch.full((1 << 18,), 3.0))
     finally:
         torch.set_num_threads(before)

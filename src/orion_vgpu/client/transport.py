@@ -253,10 +253,16 @@ class Connection:
             return self._read_reply()
 
     def _read_reply(self) -> list:
+        arena = self.arena
+        if arena is not None:
+            arena.set_waiting(True)  # a co-located emulated GPU may have our core meanwhile
         try:
             body, self._payload_left = frames.recv_frame(self.sock)
         except (OSError, frames.FrameError) as exc:
             raise self._lost(exc) from None
+        finally:
+            if arena is not None:
+                arena.set_waiting(False)
         self.flush_at = FLUSH_FIRST  # the server has caught up with everything sent
         reply = msgpack.unpackb(body, ext_hook=codec.client_ext_hook, strict_map_key=False)
         if reply[0] == m.REPLY_ERROR:

@@ -8,6 +8,7 @@ file made by ``orion shm`` for containers that mount only that file):
     [72, 80)    upload ring: bytes written so far by a streamed upload (u64, client)
     [80, 88)    download stream: bytes written so far (u64, server)
     [88, 96)    download stream: bytes read so far (u64, client)
+    [96]        1 while the client waits for a reply, else 0 (client)
     [4096, 4096 + ring)        upload ring (client -> server), monotonic positions
     [4096 + ring, size)        download area (server -> client), one reply at a time
 
@@ -38,6 +39,7 @@ _CONSUMED = 64
 _PUBLISHED = 72
 _DL_PUBLISHED = 80
 _DL_CONSUMED = 88
+_WAITING = 96
 STREAM_CHUNK = 2 << 20  # a chunk fits the L2 cache; big enough that per-chunk overhead is small
 # Smaller transfers copy whole (batched, no hand-over per chunk): on a 2-core host streaming
 # won from 32 MiB on (uploads 1.3-1.45x faster) and lost or tied below.
@@ -168,6 +170,13 @@ class Arena:
 
     def set_dl_consumed(self, pos: int) -> None:
         _U64.pack_into(self.mm, _DL_CONSUMED, pos)
+
+    def set_waiting(self, waiting: bool) -> None:
+        self.mm[_WAITING] = 1 if waiting else 0
+
+    def client_running(self) -> bool:
+        """False while the client waits for a reply (blocked: not on a core)."""
+        return not self.mm[_WAITING]
 
     def reset_download(self) -> None:
         """Before a streamed reply: the client reads nothing until the reply arrives."""

@@ -513,6 +513,10 @@ class Executor:
         self.threads = torch.get_num_threads() if self._cpu else 1
         self._threads_now = self.threads
         self._parallel_scale = _parallel_scale()
+        # A client on this host that is issuing ops (not waiting for a reply) holds one of
+        # the cores an emulated GPU runs on: its large ops then take one thread fewer, so a
+        # parallel region does not wait for that core (Session sets it with shared memory).
+        self.client_running: Callable[[], bool] | None = None
 
     # handles -----------------------------------------------------------------
     def resolve(self, handle: int) -> Any:
@@ -689,18 +693,28 @@ class Executor:
 
     def threads_for(self, info: OpInfo, args: list) -> int:
         """All threads for a large op, one for a small one (see PARALLEL_MIN)."""
+        return self.all_threads() if self.is_large(info, args) else 1
+
+    def is_large(self, info: OpInfo, args: list) -> bool:
         scale = self._parallel_scale
         if scale == 0:
-            return self.threads
+            return True
         limit = info.parallel_min * scale
         for a in args:
             if isinstance(a, torch.Tensor):
                 if a.numel() >= limit:
-                    return self.threads
+                    return True
             elif type(a) is list and any(isinstance(t, torch.Tensor) and t.numel() >= limit
                                          for t in a):
-                return self.threads
-        return 1
+                return True
+        return False
+
+    def all_threads(self) -> int:
+        """The threads a large op gets: one fewer while a co-located client is running."""
+        running = self.client_running
+        if running is not None and running():
+            return max(self.threads - 1, 1)
+        return self.threads
 
     def use_threads(self, n: int) -> None:
         if n != self._threads_now:

@@ -190,7 +190,7 @@ class _OpStep:
         self.out_spec: list[tuple[str, bool]] = []  # (out argument, takes a list)
         if not self.checked and not self.view and named:
             self.out_call, self.out_spec = _out_overload(info)
-        self.threads = 0       # shapes do not change between replays, nor an op's threads
+        self.threads = 0       # shapes do not change between replays, nor an op's size
         self.last_out: tuple | None = None  # the tensors its last run stored
         self.last_ids: frozenset[int] = frozenset()  # their ids (_aliased)
         self.out_kw: dict[str, Any] = {}
@@ -218,9 +218,10 @@ class _OpStep:
         self._remember(ex, args)
 
     def _threads(self, ex: Executor, args: list) -> int:
-        if not self.threads:
-            self.threads = ex.threads_for(self.info, args)
-        return self.threads
+        large = self.threads  # 0: not known yet, 1: a small op, 2: a large one
+        if not large:
+            large = self.threads = 2 if ex.is_large(self.info, args) else 1
+        return ex.all_threads() if large == 2 else 1
 
     def _remember(self, ex: Executor, args: list) -> None:
         if not self.outs or (self.out_call is None and not self.view):

@@ -143,6 +143,7 @@ class Session:
             log.info("shared memory unavailable (%s); using the socket", exc)
             return False
         self.arena = arena
+        self.ex.client_running = arena.client_running
         self.host_buffers = HostBuffers(str(shm["nonce"]))
         return True
 
@@ -324,7 +325,8 @@ class Session:
         elif kind == m.CMD_STATS:
             led = self.ex.ledger
             self._reply([m.REPLY_OK, {"allocated": led.used, "peak": led.peak,
-                                      "limit": led.limit, "ops": self.ex.n_ops}])
+                                      "limit": led.limit, "ops": self.ex.n_ops,
+                                      "busy_s": self.ex.busy_s}])
         elif kind == m.CMD_RNG_GET:
             state = self._rng_state(cmd[1] if len(cmd) > 1 else 0)
             self._reply([m.REPLY_OK, state.numel()], [memoryview(state.numpy())])

@@ -457,6 +457,10 @@ class WorkerPool:
         env.pop("ORION_VGPU", None)
         # Spinning OpenMP threads steal the cores other sessions' ops need (and skew shares).
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # ...after a short spin (about 0.3 ms): an emulated GPU's large ops come back to back,
+        # and waking a sleeping thread for each parallel region made a transformer step
+        # 45.6 ms against 41.0 with the spin (local 40.9; docs/performance.md).
+        env.setdefault("GOMP_SPINCOUNT", "30000")
         # numpy's OpenBLAS starts a thread pool at import; an idle worker must have no
         # thread to be forked safely, and ops run on torch's own pools anyway.
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
