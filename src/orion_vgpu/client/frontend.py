@@ -21,7 +21,7 @@ import msgpack
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from orion_vgpu.client import generators
+from orion_vgpu.client import generators, transport
 from orion_vgpu.client.runtime import get_runtime
 from orion_vgpu.protocol import codec
 from orion_vgpu.protocol import messages as m
@@ -73,7 +73,7 @@ class RemoteTensor(torch.Tensor):
 
     def __del__(self) -> None:
         try:
-            _free(self._dev, self._h)
+            _pending_free.append((self._dev, self._h))  # _free, inlined: every op's output
         except Exception:  # interpreter shutdown: the session is gone with the process
             pass
 
@@ -257,6 +257,9 @@ def _drain_frees() -> None:
             rt.conns[dev].frees.append(h)
 
 
+transport.collect_frees = _drain_frees
+
+
 # --------------------------------------------------------------------------- encoding
 class _Walk:
     """One pass over an op's arguments: encode for the wire, key the meta cache."""
@@ -371,14 +374,16 @@ def op_id(func: Any) -> int:
 class _OutSpec:
     """How to build an op's outputs from its inputs, computed once per cache key."""
 
-    __slots__ = ("kind", "items", "fresh_bytes")
+    __slots__ = ("kind", "items", "fresh_bytes", "one")
 
     def __init__(self, kind: str, items: list, fresh_bytes: int) -> None:
         self.kind = kind      # "tensor", "tuple", "list", "none"
-        # per item: ("new", size, stride, offset, dtype, view_of_input | -1, nbytes)
+        # per item: ("new", size, stride, offset, dtype, view_of_input | -1, nbytes, key)
         #           | ("alias", i) | ("none",) | ("list", [items]) | ("value", v)
         self.items = items
         self.fresh_bytes = fresh_bytes  # bytes of new storages the op allocates
+        # The item of an op that makes one new tensor (most ops): built without _build.
+        self.one = items[0] if kind == "tensor" and items[0][0] == "new" else None
 
 
 def _to_meta(a: Any) -> Any:
@@ -646,8 +651,6 @@ def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any
     conn = get_runtime().conn(dev)
     if oid not in conn.defined:
         conn.define(oid, _op_names[oid])
-    if _pending_free:
-        _drain_frees()
     if spec is None:
         if op.dynamic:
             spec = _meta_spec(func, args, kwargs, temps)
@@ -658,6 +661,14 @@ def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any
         return _call_sync(conn, oid, enc_args, enc_kw, dev)
     if spec.fresh_bytes:
         check_quota(dev, spec.fresh_bytes)
+    it = spec.one
+    if it is not None:
+        h = _next_handle()
+        view_of = it[5]
+        result = wrap(it[1], it[2], it[3], it[4], dev, h,
+                      inputs[view_of]._st if view_of >= 0 else Storage(it[6], dev), it[7])
+        conn.push([m.CMD_OP, oid, enc_args, enc_kw, [h]])
+        return result
     outs: list[int] = []
     result = _build(spec, inputs, dev, outs)
     conn.push([m.CMD_OP, oid, enc_args, enc_kw, outs])

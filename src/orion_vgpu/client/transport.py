@@ -12,6 +12,7 @@ import secrets
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -42,6 +43,16 @@ from orion_vgpu.protocol.shm import (
 )
 
 FLUSH_BYTES = 256 * 1024
+
+
+def _nothing() -> None:
+    pass
+
+
+# Hands the handles of tensors the program dropped to their connections' ``frees``, before
+# frees are queued (frontend._drain_frees: once a frame, not once an op; set by frontend,
+# which this module does not import).
+collect_frees: Callable[[], None] = _nothing
 _UNSET = object()
 # The commands still in the buffer at a sync point are work the server starts only then: at
 # 512 an MLP step synced every 20 steps waited 5 ms for its last 416 ops (1.56 ms/step;
@@ -240,6 +251,7 @@ class Connection:
 
     def _queue_frees(self) -> None:
         """Frees after everything queued so far (which may still use those handles)."""
+        collect_frees()
         if self.frees and self.capture is None:
             frees, self.frees = self.frees, []
             self.buf += self.packer.pack([m.CMD_FREE, frees])
