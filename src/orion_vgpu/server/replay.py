@@ -178,7 +178,7 @@ class _OpStep:
     """One op of the plan, and what its last run left (see the module's docstring)."""
 
     __slots__ = ("info", "op_id", "tmpl", "outs", "checked", "view", "out_call", "out_spec",
-                 "threads", "last_out", "last_ids", "out_kw", "last_in", "epoch")
+                 "large", "last_out", "last_ids", "out_kw", "last_in", "epoch")
 
     def __init__(self, info: OpInfo, op_id: int, tmpl: _Template, outs: list) -> None:
         self.info, self.op_id, self.tmpl, self.outs = info, op_id, tmpl, outs
@@ -190,7 +190,7 @@ class _OpStep:
         self.out_spec: list[tuple[str, bool]] = []  # (out argument, takes a list)
         if not self.checked and not self.view and named:
             self.out_call, self.out_spec = _out_overload(info)
-        self.threads = 0       # shapes do not change between replays, nor an op's size
+        self.large: bool | None = None  # shapes do not change between replays: known once
         self.last_out: tuple | None = None  # the tensors its last run stored
         self.last_ids: frozenset[int] = frozenset()  # their ids (_aliased)
         self.out_kw: dict[str, Any] = {}
@@ -218,10 +218,10 @@ class _OpStep:
         self._remember(ex, args)
 
     def _threads(self, ex: Executor, args: list) -> int:
-        large = self.threads  # 0: not known yet, 1: a small op, 2: a large one
-        if not large:
-            large = self.threads = 2 if ex.is_large(self.info, args) else 1
-        return ex.all_threads() if large == 2 else 1
+        large = self.large
+        if large is None:
+            large = self.large = ex.is_large(self.info, args)
+        return ex.all_threads() if large else 1
 
     def _remember(self, ex: Executor, args: list) -> None:
         if not self.outs or (self.out_call is None and not self.view):
