@@ -662,7 +662,7 @@ def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any
     if spec.fresh_bytes:
         check_quota(dev, spec.fresh_bytes)
     it = spec.one
-    if it is not None:
+    if it is not None:  # _build_one's "new" case, inline: calling it cost 0.3 us an op
         h = _next_handle()
         view_of = it[5]
         result = wrap(it[1], it[2], it[3], it[4], dev, h,

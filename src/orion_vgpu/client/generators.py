@@ -68,7 +68,7 @@ class Generator(_Base, metaclass=_GeneratorType):
             raise RuntimeError("Overflow when unpacking long long")
         seed %= 1 << 64  # as PyTorch stores a negative seed
         self._seed = seed
-        _conn(self).seed_generator(self._gid, seed)
+        _conn(self).seed(seed, self._gid)
         return self
 
     def seed(self) -> int:  # type: ignore[override]

@@ -119,7 +119,7 @@ class Runtime:
         t2 = time.perf_counter()
         startup.update(allocate=t1 - t0, connect=t2 - t1)
         for dev, seed in self.seeds.items():
-            self._send_seed(dev, seed)
+            self.conns[dev].seed(seed)
         self.sync_settings()
         places = ", ".join(f"{v['node_name']} gpu {v['gpu_index']} ({v['gmem_mib']} MiB"
                            f"{', emulated' if v.get('emulated') else ''})" for v in alloc["vgpus"])
@@ -164,7 +164,7 @@ class Runtime:
     def seed(self, dev: int, seed: int) -> None:
         self.seeds[dev] = seed
         if self.alloc is not None and dev < len(self.conns):
-            self._send_seed(dev, seed)
+            self.conns[dev].seed(seed)
 
     def sync_settings(self) -> None:
         """Every session runs the program's ops with its torch settings (client/settings)."""
@@ -175,10 +175,6 @@ class Runtime:
         for conn in self.conns:
             if not conn.closed:
                 conn.send_settings(values)
-
-    def _send_seed(self, dev: int, seed: int) -> None:
-        from orion_vgpu.protocol import messages as m
-        self.conns[dev].push([m.CMD_SEED, seed])
 
     def synchronize(self, dev: int | None = None) -> None:
         if self.alloc is None:

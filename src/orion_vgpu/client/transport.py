@@ -503,8 +503,9 @@ class Connection:
                 self.n_cmds += 1
                 self.settings.update(diff)
 
-    def seed_generator(self, gid: int, seed: int) -> None:
-        self.push([m.CMD_SEED, seed, gid])
+    def seed(self, seed: int, gid: int = 0) -> None:
+        """Seed the vGPU's default generator, or the program's generator ``gid``."""
+        self.push([m.CMD_SEED, seed, gid] if gid else [m.CMD_SEED, seed])
 
     def close(self) -> None:
         if self.closed:
