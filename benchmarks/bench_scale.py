@@ -10,6 +10,14 @@ median), then N programs started together and released at the same instant for a
 window; the same two phases as local CPU programs. Reports aggregate op throughput, its
 ratio to one program x min(N, cores) (issue #6 target: >= 80 %), and p50/p99 one-op latency.
 
+Two layouts (``--layout``, default both). *shared*: the programs and the server share every
+core, as on this 2-core machine by default; one program alone then keeps about 1.6 cores
+busy (its client and its worker run in parallel), so N programs can reach at most
+max(c, s) / (c + s) of one program x cores (c, s: client and server CPU per op). *split*:
+the pool runs on the last CPU and the programs on the others, as programs on other hosts
+would (the product's deployment); cores = the server's CPUs. The split rows also give how
+busy the server's CPUs were, so that a ratio met on an idle server is not read as capacity.
+
 Each program imports torch (~155 MB proportional set size) and has a worker on the server
 (~40 MB: workers are forked from one that imported torch); ``--programs`` is lowered to
 what 70 % of the available memory holds, with a note.
@@ -44,24 +52,36 @@ def available_mib() -> int:
     return 0
 
 
-def cpu_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole host since boot."""
+def cpu_busy() -> dict[str, tuple[int, int]]:
+    """(busy, total) jiffies since boot of the whole host ("cpu") and of each CPU ("cpuN")."""
+    out = {}
     with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    idle = vals[3] + vals[4]
-    return sum(vals) - idle, sum(vals)
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            name, *rest = line.split()
+            vals = [int(v) for v in rest]
+            out[name] = (sum(vals) - vals[3] - vals[4], sum(vals))
+    return out
 
 
-def phase(env: dict[str, str], n: int, seconds: float, batch: int) -> dict:
-    """Start ``n`` programs, wait until each has done its first op, release them together."""
+def busy_pct(b0: dict, b1: dict, name: str = "cpu") -> float:
+    return 100.0 * (b1[name][0] - b0[name][0]) / max(1, b1[name][1] - b0[name][1])
+
+
+def phase(env: dict[str, str], n: int, seconds: float, batch: int,
+          cpus: set[int] | None = None) -> dict:
+    """Start ``n`` programs (on ``cpus`` if given), wait until each has done its first op,
+    release them together."""
     d = Path(tempfile.mkdtemp(prefix="orion-scale-"))
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     procs = []
     for i in range(n):
         err = open(d / f"stderr-{i}", "w")  # noqa: SIM115 - closed with the process below
         procs.append((subprocess.Popen(
             [sys.executable, str(HERE / "scale_workload.py"), str(d), str(i), "--seconds",
              str(seconds), "--batch", str(batch)], env=env, stdout=subprocess.DEVNULL,
-            stderr=err), err))
+            stderr=err, preexec_fn=pin), err))
     try:
         _wait_ready(d, procs, timeout=600.0)
         busy0 = cpu_busy()
@@ -101,7 +121,7 @@ def _check_exits(d: Path, procs: list, running_ok: bool = False) -> None:
         raise SystemExit(f"scale program {i} failed (exit {code}):\n{tail}")
 
 
-def summarize(d: Path, n: int, busy0: tuple[int, int], busy1: tuple[int, int]) -> dict:
+def summarize(d: Path, n: int, busy0: dict, busy1: dict) -> dict:
     import json
 
     results = [json.loads((d / f"result-{i}.json").read_text()) for i in range(n)]
@@ -113,7 +133,8 @@ def summarize(d: Path, n: int, busy0: tuple[int, int], busy1: tuple[int, int]) -
             "max_program": max(rates), "p50_us": pct(lat, 50), "p99_us": pct(lat, 99),
             "samples": len(lat), "client_cpu_s": sum(r["client_cpu_s"] for r in results),
             "seconds": statistics.median(r["seconds"] for r in results),
-            "host_busy_pct": 100.0 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
+            "host_busy_pct": busy_pct(busy0, busy1),
+            "cpu_busy_pct": {k: busy_pct(busy0, busy1, k) for k in busy0 if k != "cpu"},
             "device": results[0]["device"]}
 
 
@@ -123,8 +144,8 @@ def pct(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[min(len(sorted_vals) - 1, math.ceil(q / 100 * len(sorted_vals)) - 1)]
 
 
-def alone(env: dict[str, str], a: argparse.Namespace) -> dict:
-    runs = [phase(env, 1, a.seconds, a.batch) for _ in range(a.repeat)]
+def alone(env: dict[str, str], a: argparse.Namespace, cpus: set[int] | None) -> dict:
+    runs = [phase(env, 1, a.seconds, a.batch, cpus) for _ in range(a.repeat)]
     runs.sort(key=lambda r: r["ops_per_s"])
     return runs[len(runs) // 2]
 
@@ -139,6 +160,9 @@ def main() -> None:
     ap.add_argument("--throttle", choices=("on", "off", "both"), default="on",
                     help="compute share on the server (default on, as shipped); 'both' also "
                     "runs the N programs on a server with enable_computation_throttle = false")
+    ap.add_argument("--layout", choices=("shared", "split", "both"), default="both",
+                    help="shared: programs and server on every core; split: the pool on the "
+                    "last CPU, the programs on the others (default: both)")
     ap.add_argument("--json", help="also write the results as JSON to this path")
     a = ap.parse_args()
     notes = []
@@ -148,63 +172,96 @@ def main() -> None:
         notes.append(f"--programs {n} lowered to {fits}: {available_mib()} MiB available, "
                      f"~{MIB_PER_PROGRAM} MiB per program and its worker")
         n = fits
-    cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
+    rows: list[dict] = []
+    raw: dict[str, dict] = {}
+    layouts = ("shared", "split") if a.layout == "both" else (a.layout,)
+    for layout in layouts:
+        cpus = sorted(os.sched_getaffinity(0))
+        if layout == "split" and len(cpus) < 2:
+            notes.append("split layout skipped: it needs 2 CPUs or more")
+            continue
+        server = {cpus[-1]} if layout == "split" else None
+        programs = set(cpus[:-1]) if layout == "split" else None
+        res = run_layout(a, n, server, programs)
+        raw[layout] = res
+        rows += report(layout, n, res, notes)
+    print(f"{n} programs on one server ({a.gpus} emulated GPUs), {os.cpu_count()} cores, load "
+          f"average {load:.1f} at start; {a.seconds:.0f} s windows, sync every {a.batch} ops")
+    print(f"{'':70} {'local':>10} {'remote':>10} {'ratio':>7}  target")
+    for r in rows:
+        met = "" if r["met"] is None else (" met" if r["met"] else " MISSED")
+        print(f"{r['name']:70} {r['local']:10.1f} {r['remote']:10.1f} {r['ratio']:7.2f}  "
+              f"{r['target']}{met}")
+    for note in notes:
+        print("note:", note)
+    if a.json:
+        write_json(a.json, "scale", rows, notes=notes, load_at_start=load, raw=raw)
+
+
+def run_layout(a: argparse.Namespace, n: int, server: set[int] | None,
+               programs: set[int] | None) -> dict:
+    """The phases of one layout: one program alone and N together, remote then local."""
     local_env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
     slots = min(64, max(1, math.ceil(n / a.gpus)))
     remote: dict[str, dict] = {}
     for mode in (("on", "off") if a.throttle == "both" else (a.throttle,)):
         with local_pool(emulated=f"{a.gpus}x16GiB", vgpu_count=slots,
-                        throttle=mode == "on") as env:
+                        throttle=mode == "on", cpus=server) as env:
             env = dict(env, ORION_VGPU="1", ORION_GMEM="64")
             if not remote:  # alone there is no contention: the compute share does nothing
-                remote["one"] = alone(env, a)
-            remote[mode] = phase(env, n, a.seconds, a.batch)
-    l1 = alone(local_env, a)
-    ln = phase(local_env, n, a.seconds, a.batch)
-    report(n, cores, load, remote, l1, ln, notes, a)
+                remote["one"] = alone(env, a, programs)
+            remote[mode] = phase(env, n, a.seconds, a.batch, programs)
+    return {"remote": remote, "local_one": alone(local_env, a, programs),
+            "local_n": phase(local_env, n, a.seconds, a.batch, programs),
+            "server_cpus": sorted(server or ()), "program_cpus": sorted(programs or ())}
 
 
-def report(n: int, cores: int, load: float, remote: dict[str, dict], l1: dict, ln: dict,
-           notes: list[str], a: argparse.Namespace) -> None:
+def report(layout: str, n: int, res: dict, notes: list[str]) -> list[dict]:
+    remote, l1, ln = res["remote"], res["local_one"], res["local_n"]
+    split = layout == "split"
+    cores = len(res["server_cpus"]) if split else (os.cpu_count() or 1)
+    lcores = len(res["program_cpus"]) if split else cores
     k = min(n, cores)
     r1 = remote["one"]
-    eff_l = ln["ops_per_s"] / (l1["ops_per_s"] * k)
-    rows = [row("one program alone: tiny ops (ops/s)", l1["ops_per_s"], r1["ops_per_s"]),
-            row("one-op latency p50, alone (us)", l1["p50_us"], r1["p50_us"]),
-            row("one-op latency p99, alone (us)", l1["p99_us"], r1["p99_us"])]
+    eff_l = ln["ops_per_s"] / (l1["ops_per_s"] * min(n, lcores))
+    pre = "split: " if split else ""
+    where = (f"cpu{','.join(map(str, res['server_cpus']))} for the pool, "
+             f"cpu{','.join(map(str, res['program_cpus']))} for the programs" if split else "")
+    rows = [row(f"{pre}one program alone: tiny ops (ops/s)", l1["ops_per_s"], r1["ops_per_s"]),
+            row(f"{pre}one-op latency p50, alone (us)", l1["p50_us"], r1["p50_us"]),
+            row(f"{pre}one-op latency p99, alone (us)", l1["p99_us"], r1["p99_us"])]
     for mode in ("on", "off"):
         rn = remote.get(mode)
         if rn is None:
             continue
-        tag = f"{n} programs" + ("" if mode == "on" else ", compute share off")
+        tag = pre + f"{n} programs" + ("" if mode == "on" else ", compute share off")
         eff_r = rn["ops_per_s"] / (r1["ops_per_s"] * k)
+        unit = f"{k} server core" + ("s" if k > 1 else "") if split else f"{cores} cores"
         rows += [
             row(f"{tag}: aggregate tiny ops (ops/s)", ln["ops_per_s"], rn["ops_per_s"]),
-            row(f"{tag}: aggregate / (one alone x min({n}, {cores} cores))", eff_l, eff_r,
+            row(f"{tag}: aggregate / (one alone x min({n}, {unit}))", eff_l, eff_r,
                 f"remote >= {TARGET:.2f}", eff_r >= TARGET),
             row(f"{tag}: one-op latency p50 (us)", ln["p50_us"], rn["p50_us"]),
             row(f"{tag}: one-op latency p99 (us)", ln["p99_us"], rn["p99_us"]),
         ]
+        busy = f"host CPU busy {rn['host_busy_pct']:.0f} %"
+        if split:
+            busy += ", " + ", ".join(
+                f"{c} {rn['cpu_busy_pct'][c]:.0f} %" for c in
+                (f"cpu{i}" for i in res["server_cpus"] + res["program_cpus"]))
         notes.append(f"{tag}: slowest / fastest program {rn['min_program']:.0f} / "
-                     f"{rn['max_program']:.0f} ops/s; host CPU busy {rn['host_busy_pct']:.0f} % "
-                     "during the window")
-    notes.append(f"local, {n} programs: host CPU busy {ln['host_busy_pct']:.0f} % during the "
-                 "window")
-    notes.append(f"client CPU per op, alone: remote {r1['client_cpu_s'] / (r1['ops_per_s'] * r1['seconds']) * 1e6:.1f} us, "
+                     f"{rn['max_program']:.0f} ops/s; {busy} during the window")
+    if split:
+        alone_busy = r1["cpu_busy_pct"][f"cpu{res['server_cpus'][0]}"]
+        notes.append(f"split layout: {where}; the pool's CPU busy, one program alone: "
+                     f"{alone_busy:.0f} %")
+    notes.append(f"{pre}local, {n} programs: host CPU busy {ln['host_busy_pct']:.0f} % during "
+                 "the window")
+    notes.append(f"{pre}client CPU per op, alone: remote "
+                 f"{r1['client_cpu_s'] / (r1['ops_per_s'] * r1['seconds']) * 1e6:.1f} us, "
                  f"local {l1['client_cpu_s'] / (l1['ops_per_s'] * l1['seconds']) * 1e6:.1f} us")
-    print(f"{n} programs on one server ({a.gpus} emulated GPUs), {cores} cores, load average "
-          f"{load:.1f} at start; {a.seconds:.0f} s windows, sync every {a.batch} ops")
-    print(f"{'':58} {'local':>10} {'remote':>10} {'ratio':>7}  target")
-    for r in rows:
-        met = "" if r["met"] is None else (" met" if r["met"] else " MISSED")
-        print(f"{r['name']:58} {r['local']:10.1f} {r['remote']:10.1f} {r['ratio']:7.2f}  "
-              f"{r['target']}{met}")
-    for note in notes:
-        print("note:", note)
-    if a.json:
-        write_json(a.json, "scale", rows, notes=notes, load_at_start=load,
-                   raw={"remote": remote, "local_one": l1, "local_n": ln})
+    return rows
 
 
 def row(name: str, local: float, remote: float, target: str = "",

@@ -59,13 +59,16 @@ def _throttle_conf(level: int | None, enabled: bool) -> str:
 
 @contextmanager
 def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
-               throttle_level: int | None = None, throttle: bool = True) -> Iterator[dict[str, str]]:
+               throttle_level: int | None = None, throttle: bool = True,
+               cpus: set[int] | None = None) -> Iterator[dict[str, str]]:
     """Yield the environment a client needs; everything is killed on exit and its
     directory removed (kept with ORION_BENCH_KEEP=1).
 
     ``throttle_level`` writes ``[throttle] throttle_level`` into server.conf; ``throttle``
     False writes ``enable_computation_throttle = false`` (no compute share at all).
+    ``cpus``: the controller and oriond (and so its workers) run on these CPUs only.
     """
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     tmp = Path(tempfile.mkdtemp(prefix="orion-bench-"))
     cport, sport = _port(), _port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
@@ -76,7 +79,8 @@ def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
     procs = [subprocess.Popen([sys.executable, "-m", "orion_vgpu.controller", "--listen",
                                f"127.0.0.1:{cport}", "--data-dir", str(tmp / "ctl"),
                                "--auth", "open"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=pin)]
     try:
         _wait(f"http://127.0.0.1:{cport}/api/v1/info", lambda d: True)
         token = (tmp / "ctl" / "pool_token").read_text().strip()
@@ -89,7 +93,7 @@ def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
                         + _throttle_conf(throttle_level, throttle))
         procs.append(subprocess.Popen([sys.executable, "-m", "orion_vgpu.server", "--config",
                                        str(conf)], env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
+                                      stderr=subprocess.DEVNULL, preexec_fn=pin))
         _wait(f"http://127.0.0.1:{cport}/api/v1/pool", lambda d: d.get("vgpu_free", 0) > 0)
         yield dict(base, ORION_HOME=str(tmp / "home"), ORION_CONTROLLER=f"127.0.0.1:{cport}",
                    ORION_VGPU="1", ORION_GMEM="8192", ORION_QUIET="1")
