@@ -99,6 +99,43 @@ def test_malformed_ext_values_are_codec_errors(code: int, data: bytes) -> None:
                               torch.device, complex))
 
 
+def _view_hook() -> Any:
+    return codec.make_ext_hook(lambda h: ("tensor", h), REMOTE,
+                               resolve_view=lambda h, size, stride, off: ("view", h, size,
+                                                                          stride, off))
+
+
+dims = st.integers(0, codec.MAX_VIEW_DIMS)
+i64 = st.integers(-(2**63), 2**63 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(h=i64, shape=dims.flatmap(lambda n: st.tuples(
+    st.lists(st.integers(0, 2**40), min_size=n, max_size=n),
+    st.lists(st.integers(-(2**40), 2**40), min_size=n, max_size=n))),
+    offset=st.integers(0, 2**40))
+def test_client_made_views_round_trip(h: int, shape: tuple, offset: int) -> None:
+    size, stride = shape
+    packed = msgpack.packb([codec.view_ext(h, size, stride, offset)])
+    got = msgpack.unpackb(packed, ext_hook=_view_hook())
+    assert got == [("view", h, tuple(size), tuple(stride), offset)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=16 * (codec.MAX_VIEW_DIMS + 3)))
+def test_malformed_views_are_codec_errors(data: bytes) -> None:
+    packed = msgpack.packb(msgpack.ExtType(codec.EXT_VIEW, data))
+    well_formed = len(data) >= 16 and len(data) % 16 == 0 \
+        and (len(data) - 16) // 16 <= codec.MAX_VIEW_DIMS
+    if well_formed:
+        assert msgpack.unpackb(packed, ext_hook=_view_hook())[0] == "view"
+    else:
+        with pytest.raises(codec.CodecError):
+            msgpack.unpackb(packed, ext_hook=_view_hook())
+    with pytest.raises(codec.CodecError):  # where views are not taken (graph bodies)
+        msgpack.unpackb(packed, ext_hook=codec.make_ext_hook(lambda h: h, REMOTE))
+
+
 @pytest.mark.parametrize("value", [
     lambda: 0, print, object(), type, torch.nn.Linear(1, 1), torch.zeros(1),
     torch.float8_e4m3fn, torch.sparse_csr, slice(1, 2), Ellipsis, {1, 2}, __import__("os"),

@@ -129,3 +129,28 @@ def test_a_running_client_on_the_host_keeps_one_core() -> None:
         assert torch.equal(ex.tensors[13], torch.full((1 << 18,), 3.0))
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_client_made_view_is_its_storage_seen_through_its_strides() -> None:
+    ex = Executor(torch.device("cpu"), 1 << 24)
+    unpacker = msgpack.Unpacker(ext_hook=codec.make_ext_hook(
+        ex.resolve, ex.device, resolve_view=ex.resolve_view), raw=False, strict_map_key=False)
+    ex.define(1, "aten::add_.Tensor")
+    ex.define(2, "aten::add.Tensor")
+    ex.store(1, torch.zeros(3, 4))
+    col = codec.view_ext(1, (3,), (4,), 2)  # column 2 of handle 1, as a client made it
+    _run(ex, unpacker, [1, 1, [col, 5.0], {}, [0]])  # in place: written through
+    expect = torch.zeros(3, 4)
+    expect[:, 2] = 5.0
+    assert torch.equal(ex.tensors[1], expect)
+    _run(ex, unpacker, [1, 2, [codec.view_ext(1, (4, 3), (1, 4), 0), 1.0], {}, [5]])
+    assert torch.equal(ex.tensors[5], expect.t() + 1)
+    used = ex.ledger.used
+    with pytest.raises(SessionError, match="view of tensor handle 1 does not fit its storage"):
+        _run(ex, unpacker, [1, 2, [codec.view_ext(1, (4,), (4,), 0), 1.0], {}, [6]])
+    with pytest.raises(SessionError, match="tensor handle 9 is not held"):
+        _run(ex, unpacker, [1, 2, [codec.view_ext(9, (1,), (1,), 0), 1.0], {}, [6]])
+    assert 6 not in ex.tensors and ex.ledger.used == used
+    _run(ex, unpacker, [1, 2, [col, 1.0], {}, [6]])  # the session goes on
+    assert torch.equal(ex.tensors[6], torch.full((3,), 6.0))
+    _exact(ex)

@@ -222,7 +222,7 @@ class OrionProcessGroup(dist.ProcessGroup):
                 staged[id(t)] = frontend.upload(t, dev)
 
         def enc(t: torch.Tensor) -> Any:
-            return (staged[id(t)] if id(t) in staged else t)._ext
+            return frontend.server_ext(staged[id(t)] if id(t) in staged else t)
 
         args = build(enc)
         with conn.lock:

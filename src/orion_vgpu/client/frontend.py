@@ -49,6 +49,10 @@ class RemoteTensor(torch.Tensor):
     _dev: int
     _ext: Any
     _key: tuple
+    # A tensor whose server handle is shared (with client-made views, see _view) leaves
+    # its free to that handle's _Owner; a view the server has no handle for is _lazy.
+    _own: _Owner | None = None
+    _lazy = False
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -73,7 +77,8 @@ class RemoteTensor(torch.Tensor):
 
     def __del__(self) -> None:
         try:
-            _pending_free.append((self._dev, self._h))  # _free, inlined: every op's output
+            if self._own is None:
+                _pending_free.append((self._dev, self._h))  # _free, inlined: every op's output
         except Exception:  # interpreter shutdown: the session is gone with the process
             pass
 
@@ -170,7 +175,7 @@ _LEGACY_TYPES = {"FloatTensor": torch.float32, "DoubleTensor": torch.float64,
                  "HalfTensor": torch.float16, "BFloat16Tensor": torch.bfloat16,
                  "ByteTensor": torch.uint8, "CharTensor": torch.int8, "ShortTensor": torch.int16,
                  "IntTensor": torch.int32, "LongTensor": torch.int64, "BoolTensor": torch.bool}
-_OWN_ATTRS = frozenset({"_h", "_dev", "_ext", "_key", "_st"})  # set by wrap()
+_OWN_ATTRS = frozenset({"_h", "_dev", "_ext", "_key", "_st", "_own", "_lazy"})  # wrap, _view
 _saved_cuda: dict[int, int] = {}
 _make = torch.Tensor._make_wrapper_subclass
 # Bytes of live storages per vGPU, as the program holds them: instant memory_allocated()
@@ -240,6 +245,97 @@ def wrap(size: Any, stride: Any, offset: int, dtype: torch.dtype, dev: int,
 
 
 _pending_free: list[tuple[int, int]] = []
+
+
+class _Owner:
+    """A server handle shared by a tensor and the views made of it on the client: freed
+    when the last of them is gone."""
+
+    __slots__ = ("dev", "h", "ext", "key")
+
+    def __init__(self, t: RemoteTensor) -> None:
+        self.dev, self.h, self.ext, self.key = t._dev, t._h, t._ext, t._key
+
+    def __del__(self) -> None:
+        try:
+            _pending_free.append((self.dev, self.h))
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def _view(base: RemoteTensor, it: tuple, dev: int) -> RemoteTensor:
+    """A view op's output (t, view, transpose, slice, detach, ...), made without the server:
+    the server has it as ``as_strided`` of a tensor sharing its storage wherever an op uses
+    it (codec.EXT_VIEW), so a view costs it nothing, and this side no command. Its metadata
+    is the one the server reported when it first ran the op on inputs of these shapes."""
+    own = base._own
+    if own is None:
+        own = base._own = _Owner(base)
+    t = _make(RemoteTensor, it[1], it[2], it[3], dtype=it[4], device=META_DEV[dev])
+    t._h = own.h
+    t._dev = dev
+    key = t._key = it[7]
+    if key == own.key:  # detach, alias, a view to the same shape: the owner's handle is it
+        t._ext = own.ext
+    else:
+        t._ext = _new_tuple(_ExtType, (codec.EXT_VIEW, _pack_handle(own.h) + it[8]))
+        t._lazy = True
+    t._st = base._st
+    t._own = own
+    return t
+
+
+def server_handle(t: RemoteTensor) -> int:
+    """The handle naming exactly ``t`` on the server (for a transfer, a peer copy, a graph
+    constant): a view made on the client gets one first (own_handle)."""
+    if t._lazy:
+        own_handle(t)
+    return t._h
+
+
+def own_handle(t: RemoteTensor) -> None:
+    """Give ``t`` a server handle no other tensor shares (one ``as_strided`` op), if it
+    shares one: before an op changes its sizes or strides in place (t_, resize_ ...)."""
+    own = t._own
+    if own is None:
+        return
+    conn = get_runtime().conn(t._dev)
+    oid = op_id(aten.as_strided.default)
+    if oid not in conn.defined:
+        conn.define(oid, _op_names[oid])
+    h = _next_handle()
+    conn.push([m.CMD_OP, oid, [own.ext, list(t.shape), list(t.stride()), t.storage_offset()],
+               {}, [h]])
+    t._h = h
+    t._ext = codec.handle_ext(h)
+    t._lazy = False
+    t._own = None  # it frees its own handle now; the shared one may go after this op
+
+
+def _own_handles(args: Any) -> None:
+    for a in args:
+        if type(a) is RemoteTensor:
+            own_handle(a)
+        elif isinstance(a, (list, tuple)):
+            _own_handles(a)
+
+
+def _set_meta(t: RemoteTensor, size: tuple, stride: tuple, offset: int) -> None:
+    """Give the wrapper the sizes, strides and offset an in-place op gave its tensor on
+    the server (its meta storage grows as needed; it holds no data)."""
+    span = _nbytes(size, stride, offset, t.dtype) // t.dtype.itemsize
+    with torch._C._AutoDispatchBelowADInplaceOrView(), torch._C._DisableTorchDispatch():
+        aten.as_strided_.default(t, [0], [1], 0)
+        aten.resize_.default(t, [max(span, offset)])
+        aten.as_strided_.default(t, list(size), list(stride), offset)
+    t._key = (tuple(size), tuple(stride), offset, t.dtype)
+
+
+def server_ext(t: RemoteTensor) -> Any:
+    """``t``'s ext value for a command that needs a real handle (see server_handle)."""
+    if t._lazy:
+        server_handle(t)
+    return t._ext
 
 
 def _free(dev: int, handle: int) -> None:
@@ -374,16 +470,21 @@ def op_id(func: Any) -> int:
 class _OutSpec:
     """How to build an op's outputs from its inputs, computed once per cache key."""
 
-    __slots__ = ("kind", "items", "fresh_bytes", "one")
+    __slots__ = ("kind", "items", "fresh_bytes", "one", "restride")
 
-    def __init__(self, kind: str, items: list, fresh_bytes: int) -> None:
+    def __init__(self, kind: str, items: list, fresh_bytes: int,
+                 restride: list | None = None) -> None:
         self.kind = kind      # "tensor", "tuple", "list", "none"
-        # per item: ("new", size, stride, offset, dtype, view_of_input | -1, nbytes, key)
+        # per item: ("new", size, stride, offset, dtype, view_of_input | -1, nbytes, key,
+        #            view ext tail | None)
         #           | ("alias", i) | ("none",) | ("list", [items]) | ("value", v)
         self.items = items
         self.fresh_bytes = fresh_bytes  # bytes of new storages the op allocates
         # The item of an op that makes one new tensor (most ops): built without _build.
         self.one = items[0] if kind == "tensor" and items[0][0] == "new" else None
+        # Inputs an in-place op gives other sizes, strides or offset (t_, resize_, out=):
+        # (input index, size, stride, offset) as the server reported them.
+        self.restride = restride or None
 
 
 def _to_meta(a: Any) -> Any:
@@ -453,7 +554,8 @@ def _spec_of(out: Any, minputs: list) -> Any:
                 view_of = -1
                 fresh += st.nbytes()
             meta = (tuple(o.shape), tuple(o.stride()), o.storage_offset(), o.dtype)
-            return ("new", *meta, view_of, st.nbytes(), meta)
+            # (a meta kernel's storage offset is relative to its input's, not the server's)
+            return ("new", *meta, view_of, st.nbytes(), meta, None)
         if o is None:
             return ("none",)
         if isinstance(o, (list, tuple)):
@@ -506,7 +608,7 @@ class _Op:
     OpOverload hashes with a Python method, and four dict lookups keyed by it cost more
     than the rest of a cached op."""
 
-    __slots__ = ("func", "special", "value_keyed", "oid", "dynamic")
+    __slots__ = ("func", "special", "value_keyed", "oid", "dynamic", "meta_writer")
 
     def __init__(self, func: Any) -> None:
         self.func = func  # keeps the overload alive, so its id is never reused
@@ -515,6 +617,24 @@ class _Op:
         # Only overloads have a wire name; anything else fails in op_id if it meets a vGPU.
         self.oid = op_id(func) if isinstance(func, torch._ops.OpOverload) else -1
         self.dynamic = _DYNAMIC in getattr(func, "tags", ())
+        self.meta_writer = _writes_metadata(func)
+
+
+# In-place ops that may give a tensor they write other sizes, strides or storage.
+_META_WRITERS = frozenset({"t_", "transpose_", "swapdims_", "swapaxes_", "squeeze_",
+                           "unsqueeze_", "as_strided_", "resize_", "resize_as_", "set_",
+                           "_resize_output_"})
+
+
+def _writes_metadata(func: Any) -> bool:
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return False
+    written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if not written:
+        return False
+    # out= overloads resize an output of the wrong shape
+    return schema.name.partition("::")[2] in _META_WRITERS or any(a.kwarg_only for a in written)
 
 
 _ops_by_id: dict[int, _Op] = {}
@@ -628,6 +748,9 @@ def _enc_fast(args: tuple, kwargs: dict, value_keyed: bool) -> tuple | None:
 
 def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
     func = op.func
+    if op.meta_writer:  # what it reshapes must not be another tensor's handle too
+        _own_handles(args)
+        _own_handles(kwargs.values())
     fast = _enc_fast(args, kwargs, op.value_keyed)
     if fast is not None:
         enc_args, akey, enc_kw, kkey, dev, inputs = fast
@@ -663,8 +786,11 @@ def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any
         check_quota(dev, spec.fresh_bytes)
     it = spec.one
     if it is not None:  # _build_one's "new" case, inline: calling it cost 0.3 us an op
-        h = _next_handle()
         view_of = it[5]
+        if it[8] is not None and conn.capture is None:
+            # a captured stream keeps its views as ops: a replay plan needs their handles
+            return _view(inputs[view_of], it, dev)
+        h = _next_handle()
         result = wrap(it[1], it[2], it[3], it[4], dev, h,
                       inputs[view_of]._st if view_of >= 0 else Storage(it[6], dev), it[7])
         conn.push([m.CMD_OP, oid, enc_args, enc_kw, [h]])
@@ -672,6 +798,9 @@ def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any
     outs: list[int] = []
     result = _build(spec, inputs, dev, outs)
     conn.push([m.CMD_OP, oid, enc_args, enc_kw, outs])
+    if spec.restride is not None:
+        for i, size, stride, offset in spec.restride:
+            _set_meta(inputs[i], size, stride, offset)
     return result
 
 
@@ -699,18 +828,20 @@ def _probe(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int, inputs: li
         if tag == "new":
             fresh += it[6]
             meta = (tuple(it[1]), tuple(it[2]), it[3], it[4])
-            return ("new", *meta, it[5], it[6], meta)
+            return ("new", *meta, it[5], it[6], meta, _view_tail(it, inputs))
         if tag == "alias":
             return ("alias", it[1])
         if tag == "list":
             return ("list", [to_spec(x) for x in it[1]])
         return ("none",)
 
-    spec = _OutSpec(kind, [to_spec(it) for it in items], fresh)
+    spec = _OutSpec(kind, [to_spec(it) for it in items], fresh, _restrided(items, inputs))
     if not any(it[0] == "value" for it in items):
         _meta_cache[key] = spec
     handles = iter(h for h in _new_handles(items))
     out = _build(spec, inputs, dev, [], handles)
+    for i, size, stride, offset in spec.restride or ():
+        _set_meta(inputs[i], size, stride, offset)
     limit = _limits.get(dev)
     if limit and fresh and used_bytes.get(dev, 0) > limit:
         # Over a limit below the server's (set_per_process_memory_fraction): dropping the
@@ -719,6 +850,28 @@ def _probe(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int, inputs: li
         del out
         check_quota(dev, fresh, used)
     return out
+
+
+def _restrided(items: list, inputs: list) -> list:
+    """(index, size, stride, offset) of each input the op returned with other metadata."""
+    out = []
+    for it in items:
+        if it[0] == "alias" and len(it) >= 5 and 0 <= it[1] < len(inputs):
+            t = inputs[it[1]]
+            meta = (tuple(it[2]), tuple(it[3]), it[4])
+            if meta != (tuple(t.shape), t.stride(), t.storage_offset()):
+                out.append((it[1], *meta))
+    return out
+
+
+def _view_tail(it: list, inputs: list) -> bytes | None:
+    """For an output that views input ``it[5]`` with its dtype: the tail of its
+    codec.EXT_VIEW value (fixed for this cache entry), else None (the op runs remotely).
+    Complex dtypes are left out: their conjugate and negative views are flags, not strides."""
+    i, dtype = it[5], it[4]
+    if i < 0 or i >= len(inputs) or inputs[i].dtype != dtype or dtype.is_complex:
+        return None
+    return codec.view_tail(it[1], it[2], it[3])
 
 
 def _new_handles(items: list) -> list[int]:
@@ -810,7 +963,7 @@ def fetch(t: RemoteTensor) -> torch.Tensor:
     conn = get_runtime().conn(t._dev)
     if _pending_free:
         _drain_frees()
-    return conn.fetch(t._h, t.numel() * t.element_size())
+    return conn.fetch(server_handle(t), t.numel() * t.element_size())
 
 
 def move(t: RemoteTensor, dev: int) -> RemoteTensor:
@@ -830,7 +983,7 @@ def move(t: RemoteTensor, dev: int) -> RemoteTensor:
         _drain_frees()
     h = _next_handle()
     xid = secrets.token_bytes(16)  # the secret that lets dev's server pull it, once
-    seq = src.peer_send(t._h, xid)
+    seq = src.peer_send(server_handle(t), xid)
     dst.peer_recv(h, xid, seq, route, t)
     return wrap(t.shape, _contiguous_stride(t.shape), 0, t.dtype, dev, h, Storage(nbytes, dev))
 

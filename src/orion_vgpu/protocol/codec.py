@@ -2,7 +2,10 @@
 
 Tensors travel as handles (ext 1), a program's ``torch.Generator(device="cuda")`` objects as
 generator ids (ext 7); the server resolves both in its own session tables, so a client can
-only ever name its own. Nothing here can carry Python code.
+only ever name its own. A view the client made without asking the server (a transpose, a
+reshape, a slice: metadata only) travels as ext 8: the handle of a tensor whose storage it
+shares, and its own sizes, strides and storage offset; the server takes it with
+``as_strided``, which checks it against that storage. Nothing here can carry Python code.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ EXT_MEMFMT = 4
 EXT_LAYOUT = 5
 EXT_COMPLEX = 6
 EXT_GENERATOR = 7
+EXT_VIEW = 8
+MAX_VIEW_DIMS = 64
 
 DTYPES: tuple[torch.dtype, ...] = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16,
@@ -50,6 +55,24 @@ class CodecError(ValueError):
 
 def handle_ext(handle: int) -> msgpack.ExtType:
     return msgpack.ExtType(EXT_HANDLE, _Q.pack(handle))
+
+
+def view_tail(size: Any, stride: Any, offset: int) -> bytes:
+    """The part of a view's ext value after its handle (fixed for a cached op's output)."""
+    n = len(size)
+    return struct.pack(f"<q{2 * n}q", offset, *size, *stride)
+
+
+def view_ext(handle: int, size: Any, stride: Any, offset: int) -> msgpack.ExtType:
+    return msgpack.ExtType(EXT_VIEW, _Q.pack(handle) + view_tail(size, stride, offset))
+
+
+def _view_fields(data: bytes) -> tuple[int, tuple[int, ...], tuple[int, ...], int] | None:
+    n, rest = divmod(len(data) - 16, 16)
+    if len(data) < 16 or rest or n > MAX_VIEW_DIMS:
+        return None
+    vals = struct.unpack(f"<{2 + 2 * n}q", data)
+    return vals[0], vals[2:2 + n], vals[2 + n:], vals[1]
 
 
 def generator_ext(gid: int) -> msgpack.ExtType:
@@ -88,15 +111,25 @@ def _no_generators(gid: int) -> Any:
     raise CodecError("a torch.Generator cannot be used here")
 
 
+def _no_views(handle: int, size: tuple, stride: tuple, offset: int) -> Any:
+    raise CodecError("a view without a handle of its own cannot be used here")
+
+
 def make_ext_hook(resolve_handle: Callable[[int], Any], remote_device: torch.device,
-                  resolve_generator: Callable[[int], Any] = _no_generators
+                  resolve_generator: Callable[[int], Any] = _no_generators,
+                  resolve_view: Callable[[int, tuple, tuple, int], Any] = _no_views
                   ) -> Callable[[int, bytes], Any]:
-    """Server-side ``ext_hook``: turn ext values back into torch objects."""
+    """Server-side ``ext_hook``: turn ext values back into torch objects.
+    ``resolve_view(handle, size, stride, offset)``: an ext 8 view."""
     host = torch.device("cpu")
 
     def hook(code: int, data: bytes) -> Any:
         if code == EXT_HANDLE and len(data) == 8:
             return resolve_handle(_Q.unpack(data)[0])
+        if code == EXT_VIEW:
+            fields = _view_fields(data)
+            if fields is not None:
+                return resolve_view(*fields)
         if code == EXT_GENERATOR and len(data) == 8:
             return resolve_generator(_Q.unpack(data)[0])
         if len(data) == 1:

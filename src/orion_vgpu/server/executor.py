@@ -73,12 +73,14 @@ class SessionError(Exception):
 
 
 class Missing:
-    """A handle the client named that this session does not hold."""
+    """A handle the client named that this session does not hold (or, with ``why``, a
+    view of one that does not fit its storage)."""
 
-    __slots__ = ("handle",)
+    __slots__ = ("handle", "why")
 
-    def __init__(self, handle: int) -> None:
+    def __init__(self, handle: int, why: str | None = None) -> None:
         self.handle = handle
+        self.why = why
 
 
 # The operators with dunder names (x << 1, x >>= 2, mask & other): names of that shape are
@@ -526,6 +528,19 @@ class Executor:
             return Missing(handle)
         return t
 
+    def resolve_view(self, handle: int, size: tuple, stride: tuple, offset: int) -> Any:
+        """A view the client made on its own (codec.EXT_VIEW) of tensor ``handle``'s storage."""
+        t = self.tensors.get(handle)
+        if t is None:
+            self.missing += 1
+            return Missing(handle)
+        try:
+            return t.as_strided(size, stride, offset)
+        except RuntimeError as exc:  # outside the storage: the op that uses it fails
+            self.missing += 1
+            return Missing(handle, f"a view of tensor handle {handle} does not fit its "
+                           f"storage ({exc})")
+
     def tensor(self, handle: Any) -> torch.Tensor:
         """The session's tensor named ``handle``, or the error the client gets."""
         t = self.tensors.get(handle) if isinstance(handle, int) else None
@@ -933,7 +948,8 @@ def _raise_missing(value: Any) -> None:
     while stack:  # the first missing handle, in argument order, is the one reported
         v = stack.pop()
         if type(v) is Missing:
-            raise SessionError("RuntimeError", f"tensor handle {v.handle} is not held by this "
-                               "session (freed, or never created because of an earlier error)")
+            raise SessionError("RuntimeError", v.why or f"tensor handle {v.handle} is not held "
+                               "by this session (freed, or never created because of an "
+                               "earlier error)")
         if type(v) is list:
             stack.extend(reversed(v))

@@ -419,9 +419,13 @@ def _check_stream(data: Any, ex: Executor) -> list:
     return cmds
 
 
+def _view_ref(handle: int, size: tuple, stride: tuple, offset: int) -> Ref:
+    return Ref(handle)
+
+
 def _unpack_all(data: bytes) -> list:
     # Generators stay ids here: this pass only checks which commands the stream holds.
-    unpacker = msgpack.Unpacker(ext_hook=codec.make_ext_hook(Ref, META, int), raw=False,
+    unpacker = msgpack.Unpacker(ext_hook=codec.make_ext_hook(Ref, META, int, _view_ref), raw=False,
                                 strict_map_key=False, max_buffer_size=max(len(data), 1))
     unpacker.feed(data)
     out = list(unpacker)

@@ -12,7 +12,8 @@ else runs as in eager mode: outputs stored with the same memory ledger and quota
 that need a check before they run (device arguments, sizes of new tensors, storages that
 may grow) go through ``Executor.run`` with their arguments bound. The compute share is
 charged once per replay, as for one CUDA graph launch. A stream holding anything but ops
-and copies (a collective, a nested graph, a seed) has no plan and runs command by command.
+and copies (a collective, a nested graph, a seed), or a view the client made without the
+server (codec.EXT_VIEW, made before the capture), has no plan and runs command by command.
 """
 
 from __future__ import annotations
@@ -118,8 +119,12 @@ class Plan:
                                     raw=False,
                                     strict_map_key=False, max_buffer_size=max(len(data), 1))
         unpacker.feed(data)
+        try:
+            cmds = list(unpacker)
+        except codec.CodecError:  # a client-made view (codec.EXT_VIEW): not planned
+            return None
         steps: list[Any] = []
-        for cmd in unpacker:
+        for cmd in cmds:
             if not isinstance(cmd, list) or not cmd or cmd[0] not in PLANNED_KINDS:
                 return None
             if cmd[0] == m.CMD_COPY:

@@ -97,7 +97,8 @@ class Session:
         self.host_buffers: HostBuffers | None = None  # with the arena (client.hostpool)
         self.pending: SessionError | None = None
         self.unpacker = msgpack.Unpacker(
-            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device, self._generator),
+            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device, self._generator,
+                                        self.ex.resolve_view),
             raw=False, strict_map_key=False, max_buffer_size=frames.MAX_BODY)
         self.payload_left = 0
         self.packer = msgpack.Packer(default=codec.encode_default)
@@ -108,7 +109,8 @@ class Session:
         self.collectives = Collectives(self.ex, self.device, spec["session_id"][:8])
         # CUDA-graph captures and torch.compile graphs the client defined (server/graphs.py)
         self.graphs = GraphStore(self.ex, self.device, self._execute, lambda: msgpack.Unpacker(
-            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device, self._generator),
+            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device, self._generator,
+                                        self.ex.resolve_view),
             raw=False, strict_map_key=False, max_buffer_size=frames.MAX_BODY),
             spec["session_id"][:8], self._fail)
 
@@ -598,8 +600,8 @@ class _Describer:
     def __call__(self, o: Any) -> list:
         if isinstance(o, torch.Tensor):
             for i, t in enumerate(self.inputs):
-                if o is t:
-                    return ["alias", i]
+                if o is t:  # with its metadata: an in-place op may have changed it (t_)
+                    return ["alias", i, list(o.shape), list(o.stride()), o.storage_offset()]
             st = o.untyped_storage()
             ptr = st.data_ptr()
             view_of = self.ptrs.index(ptr) if ptr and ptr in self.ptrs else -1

@@ -1,0 +1,25 @@
+"""Views (t, view, slices, detach, ...) are made by the client without the server, in-place
+ops that reshape a tensor (t_, resize_, out=) reshape only it, and a program sees the
+values it sees locally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from e2e.cluster import client_env, run_local, run_script
+
+
+def _lines(proc, prefix: str) -> list[str]:  # noqa: ANN001
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return [line for line in proc.stdout.splitlines() if line.startswith(prefix)]
+
+
+def test_views_match_local_and_send_no_ops(pool, tmp_path: Path) -> None:
+    ctl, _ = pool
+    local = _lines(run_local("views.py"), "RESULT")
+    remote_proc = run_script("views.py", client_env(ctl, tmp_path / "c"))
+    remote = _lines(remote_proc, "RESULT")
+    assert len(local) == 22
+    assert remote == local
+    (commands,) = _lines(remote_proc, "COMMANDS")
+    assert commands == "COMMANDS views-sent-ops 0 views-made 140", commands
