@@ -21,12 +21,15 @@ WINDOW_S = 4.0
 
 
 def start_programs(*programs: tuple[dict[str, str], int],
-                   workload: tuple[int, int] = (320, 6)) -> list[tuple[subprocess.Popen[str],
-                                                                       str]]:
+                   workload: tuple[int, int] = (320, 16)) -> list[tuple[subprocess.Popen[str],
+                                                                        str]]:
     """Start the workload (matmul size, matmuls between syncs) once per (env, ORION_RATIO),
     all at once; returns each process once it said READY (it holds its vGPU) with the
     uuid of the GPU it got. The default keeps the device, not the client's round trip,
-    the bottleneck: each program would take the whole GPU if it could."""
+    the bottleneck: each program would take the whole GPU if it could. (With 6 matmuls
+    between syncs, the ratio-75 program left the device idle for a round trip every
+    ~9 ms and the ratio-25 one took it meanwhile: busy ratios 1.45-2.9, 4 failures in
+    25 runs; with 16, 2.79-2.99 over six.)"""
     size, batch = workload
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(size), str(batch)], text=True,
                               env=dict(env, ORION_RATIO=str(ratio)), stdin=subprocess.PIPE,
@@ -81,6 +84,7 @@ def test_contending_programs_share_one_gpu_by_ratio(throttled_pool, tmp_path: Pa
     # work done in the same time. Loosely: the sessions also ran a little alone, and on a
     # host loaded by other work their workers wait for cores (benchmarks/bench_throttle.py
     # measures the proportion).
+    print("BUSYRATIO", busy_high / busy_low, r_high["ops_per_s"] / r_low["ops_per_s"])
     assert 1.5 < busy_high / busy_low < 4.5, lines
     proportion = r_high["ops_per_s"] / r_low["ops_per_s"]
     assert 1.5 < proportion < 5.0, (r_low, r_high, lines)
