@@ -608,7 +608,7 @@ class _Op:
     OpOverload hashes with a Python method, and four dict lookups keyed by it cost more
     than the rest of a cached op."""
 
-    __slots__ = ("func", "special", "value_keyed", "oid", "dynamic", "meta_writer")
+    __slots__ = ("func", "special", "value_keyed", "oid", "dynamic")
 
     def __init__(self, func: Any) -> None:
         self.func = func  # keeps the overload alive, so its id is never reused
@@ -617,7 +617,8 @@ class _Op:
         # Only overloads have a wire name; anything else fails in op_id if it meets a vGPU.
         self.oid = op_id(func) if isinstance(func, torch._ops.OpOverload) else -1
         self.dynamic = _DYNAMIC in getattr(func, "tags", ())
-        self.meta_writer = _writes_metadata(func)
+        if self.special is None and _writes_metadata(func):
+            self.special = _reshaping
 
 
 # In-place ops that may give a tensor they write other sizes, strides or storage.
@@ -635,6 +636,14 @@ def _writes_metadata(func: Any) -> bool:
         return False
     # out= overloads resize an output of the wrong shape
     return schema.name.partition("::")[2] in _META_WRITERS or any(a.kwarg_only for a in written)
+
+
+def _reshaping(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    """An op that may reshape a tensor it writes: that tensor must not be another
+    tensor's handle too (own_handle), and its wrapper follows (_OutSpec.restride)."""
+    _own_handles(args)
+    _own_handles(kwargs.values())
+    return generic(func, args, kwargs, default_dev)
 
 
 _ops_by_id: dict[int, _Op] = {}
@@ -748,9 +757,6 @@ def _enc_fast(args: tuple, kwargs: dict, value_keyed: bool) -> tuple | None:
 
 def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
     func = op.func
-    if op.meta_writer:  # what it reshapes must not be another tensor's handle too
-        _own_handles(args)
-        _own_handles(kwargs.values())
     fast = _enc_fast(args, kwargs, op.value_keyed)
     if fast is not None:
         enc_args, akey, enc_kw, kkey, dev, inputs = fast
