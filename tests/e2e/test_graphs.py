@@ -68,3 +68,11 @@ def test_compiled_graph_with_unknown_operator_is_refused(pool, tmp_path: Path) -
                       "operator 'orion_test::scale' is not allowed on a vGPU (only aten, prims "
                       "operators run remotely)"], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_tensor_dropped_during_capture_stays_with_the_graph(pool, tmp_path: Path) -> None:
+    ctl, _ = pool
+    local = _lines(run_local("graph_drops.py"))
+    remote = _lines(run_script("graph_drops.py", client_env(ctl, tmp_path / "c")))
+    assert len(_values(local, "losses")) == 4
+    assert _close(_values(remote, "losses"), _values(local, "losses")), (remote, local)

@@ -218,6 +218,7 @@ class Connection:
     def end_capture(self) -> tuple[bytes, list[int]]:
         """The captured commands, and handles freed meanwhile (the graph still uses them)."""
         with self.lock:
+            collect_frees()  # tensors dropped during the capture: kept, not freed after it
             data, self.capture = bytes(self.capture or b""), None
             kept, self.kept = self.kept + self.frees, []
             self.frees = []
