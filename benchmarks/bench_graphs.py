@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from localpool import local_pool, run_json  # noqa: E402
+from localpool import local_pool, print_table, run_json, write_json  # noqa: E402
 
 KINDS = ("eager", "graphed", "compile", "compile_all")
 
@@ -94,18 +94,9 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}, load average {load:.1f}; remote = vGPU on an emulated "
           f"GPU (CPU); medians of {a.repeat} alternating processes x 5 rounds of {a.steps} steps")
-    print(f"{'MLP 4x64 step (remote / local)':56} {'local':>9} {'remote':>9} {'ratio':>6}  target")
-    for r in rows:
-        met = "" if r["met"] is None else (" met" if r["met"] else " NOT met")
-        print(f"{r['name']:56} {r['local']:9.2f} {r['remote']:9.2f} {r['ratio']:6.2f}  "
-              f"{r['target']}{met}")
+    print_table(rows, "MLP 4x64 step (remote / local)", width=56, fmt="9.2f", missed="NOT met")
     if a.json:
-        import localpool
-        writer = getattr(localpool, "write_json", None)
-        if writer is not None:
-            writer(a.json, "graphs", rows, load_average=load)
-        else:
-            Path(a.json).write_text(json.dumps({"benchmark": "graphs", "rows": rows}))
+        write_json(a.json, "graphs", rows, load_average=load)
 
 
 def measure(steps: int, repeat: int) -> dict[tuple[str, str], list[dict]]:

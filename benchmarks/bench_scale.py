@@ -38,7 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from localpool import local_pool, write_json  # noqa: E402
+from localpool import local_pool, pinned, print_table, write_json  # noqa: E402
 
 MIB_PER_PROGRAM = 250  # proportional set size of a client (~155) and its forked worker (~40)
 TARGET = 0.80
@@ -74,7 +74,7 @@ def phase(env: dict[str, str], n: int, seconds: float, batch: int,
     """Start ``n`` programs (on ``cpus`` if given), wait until each has done its first op,
     release them together."""
     d = Path(tempfile.mkdtemp(prefix="orion-scale-"))
-    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+    pin = pinned(cpus)
     procs = []
     for i in range(n):
         err = open(d / f"stderr-{i}", "w")  # noqa: SIM115 - closed with the process below
@@ -188,11 +188,7 @@ def main() -> None:
         rows += report(layout, n, res, notes)
     print(f"{n} programs on one server ({a.gpus} emulated GPUs), {os.cpu_count()} cores, load "
           f"average {load:.1f} at start; {a.seconds:.0f} s windows, sync every {a.batch} ops")
-    print(f"{'':70} {'local':>10} {'remote':>10} {'ratio':>7}  target")
-    for r in rows:
-        met = "" if r["met"] is None else (" met" if r["met"] else " MISSED")
-        print(f"{r['name']:70} {r['local']:10.1f} {r['remote']:10.1f} {r['ratio']:7.2f}  "
-              f"{r['target']}{met}")
+    print_table(rows, width=70)
     for note in notes:
         print("note:", note)
     if a.json:

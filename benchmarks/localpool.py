@@ -51,6 +51,24 @@ def write_json(path: str, benchmark: str, rows: list[dict], **extra: object) -> 
     Path(path).write_text(json.dumps(doc, indent=1))
 
 
+def pinned(cpus: set[int] | None):  # noqa: ANN201 - a preexec_fn or None
+    """A ``preexec_fn`` that runs a child process on ``cpus`` only (None: anywhere)."""
+    return None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+
+
+def print_table(rows: list[dict], title: str = "", width: int = 58, fmt: str = "10.1f",
+                missed: str = "MISSED") -> None:
+    """Rows as write_json takes them, one a line: name, local, remote, ratio, target."""
+    w = int(fmt.split(".")[0])
+    print(f"{title:{width}} {'local':>{w}} {'remote':>{w}} {'ratio':>7}  target")
+    for r in rows:
+        met = "" if r["met"] is None else (" met" if r["met"] else f" {missed}")
+        local = "–" if r["local"] is None else format(r["local"], fmt)
+        remote = "–" if r["remote"] is None else format(r["remote"], fmt)
+        ratio = "–" if r["ratio"] is None else f"{r['ratio']:7.2f}"
+        print(f"{r['name']:{width}} {local:>{w}} {remote:>{w}} {ratio:>7}  {r['target']}{met}")
+
+
 def _throttle_conf(level: int | None, enabled: bool) -> str:
     lines = ([] if level is None else [f"    throttle_level = {level}\n"]) \
         + ([] if enabled else ["    enable_computation_throttle = false\n"])
@@ -68,7 +86,7 @@ def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
     False writes ``enable_computation_throttle = false`` (no compute share at all).
     ``cpus``: the controller and oriond (and so its workers) run on these CPUs only.
     """
-    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+    pin = pinned(cpus)
     tmp = Path(tempfile.mkdtemp(prefix="orion-bench-"))
     cport, sport = _port(), _port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}

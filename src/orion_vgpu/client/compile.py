@@ -310,7 +310,7 @@ class RemoteGraph:
         for i, a in enumerate(args):
             if type(a) is not RemoteTensor or a._dev != dev:
                 a = args[i] = _as_input(a, dev)
-            enc.append(a._ext if not a._lazy else frontend.server_ext(a))
+            enc.append(frontend.server_ext(a))
         enc.extend(self.const_exts)
         if frontend._pending_free:
             frontend._drain_frees()

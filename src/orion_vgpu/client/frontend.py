@@ -334,8 +334,13 @@ def _set_meta(t: RemoteTensor, size: tuple, stride: tuple, offset: int) -> None:
 def server_ext(t: RemoteTensor) -> Any:
     """``t``'s ext value for a command that needs a real handle (see server_handle)."""
     if t._lazy:
-        server_handle(t)
+        own_handle(t)
     return t._ext
+
+
+def _restride(spec: _OutSpec, inputs: list) -> None:
+    for i, size, stride, offset in spec.restride or ():
+        _set_meta(inputs[i], size, stride, offset)
 
 
 def _free(dev: int, handle: int) -> None:
@@ -805,8 +810,7 @@ def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any
     result = _build(spec, inputs, dev, outs)
     conn.push([m.CMD_OP, oid, enc_args, enc_kw, outs])
     if spec.restride is not None:
-        for i, size, stride, offset in spec.restride:
-            _set_meta(inputs[i], size, stride, offset)
+        _restride(spec, inputs)
     return result
 
 
@@ -846,8 +850,7 @@ def _probe(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int, inputs: li
         _meta_cache[key] = spec
     handles = iter(h for h in _new_handles(items))
     out = _build(spec, inputs, dev, [], handles)
-    for i, size, stride, offset in spec.restride or ():
-        _set_meta(inputs[i], size, stride, offset)
+    _restride(spec, inputs)
     limit = _limits.get(dev)
     if limit and fresh and used_bytes.get(dev, 0) > limit:
         # Over a limit below the server's (set_per_process_memory_fraction): dropping the
