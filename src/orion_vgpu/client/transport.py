@@ -54,10 +54,11 @@ def _nothing() -> None:
 # which this module does not import).
 collect_frees: Callable[[], None] = _nothing
 _UNSET = object()
-# The commands still in the buffer at a sync point are work the server starts only then: at
-# 512 an MLP step synced every 20 steps waited 5 ms for its last 416 ops (1.56 ms/step;
-# 1.40 at 128). Below 128, frames cost the tiny-op loop more than the tail saves.
-FLUSH_OPS = 128
+# The commands still in the buffer at a sync point are work the server starts only then,
+# after it finishes the frame before them: an MLP synced every 20 steps waited 5 ms in its
+# item() at 512, 2.6 ms at 128, 1.0 ms at 32 (0.6 at 16), 7 % of its step; the tiny-op
+# loop and the transformer step measured the same at 32 as at 128.
+FLUSH_OPS = 32
 # After a sync point the server has nothing to do: the first frame goes out after this
 # many commands, each next one after twice as many, up to FLUSH_OPS. The server then starts
 # on the first ops while the program is still issuing the rest (compute-bound steps).
