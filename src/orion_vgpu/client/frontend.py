@@ -168,7 +168,13 @@ class RemoteTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
-        return dispatch(func, args, kwargs or {}, None)
+        # dispatch(), inlined: a Python call is 0.15 us of an op's 5 on the client
+        op = _ops_by_id.get(id(func))
+        if op is None or op.func is not func:
+            op = _op_of(func)
+        if op.special is not None:
+            return op.special(func, args, kwargs or {}, None)
+        return _generic(op, args, kwargs or {}, None)
 
 
 _LEGACY_TYPES = {"FloatTensor": torch.float32, "DoubleTensor": torch.float64,
