@@ -19,7 +19,7 @@ def test_views_match_local_and_send_no_ops(pool, tmp_path: Path) -> None:
     local = _lines(run_local("views.py"), "RESULT")
     remote_proc = run_script("views.py", client_env(ctl, tmp_path / "c"))
     remote = _lines(remote_proc, "RESULT")
-    assert len(local) == 22
+    assert len(local) == 25
     assert remote == local
     (commands,) = _lines(remote_proc, "COMMANDS")
     assert commands == "COMMANDS views-sent-ops 0 views-made 140", commands

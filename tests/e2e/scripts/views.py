@@ -28,6 +28,13 @@ def views() -> None:
     show("unfold", a[0].unfold(0, 3, 2))
     show("as_strided", a.as_strided((3, 3), (2, 5), 4))
     show("narrow-squeeze", a.narrow(0, 2, 1).squeeze(0))
+    show("t-of-1d", a[3].t())
+    show("t-t-detach", a[1:4].t().t().detach().t())
+    try:
+        a.view(2, 3, 8).t()
+        print("RESULT t-of-3d no error")
+    except RuntimeError as exc:
+        print(f"RESULT t-of-3d {str(exc).splitlines()[0]}")
 
 
 def writes_through() -> None:
