@@ -67,7 +67,7 @@ FLUSH_OPS = 32
 FLUSH_FIRST = 8
 # A reply expected within this is waited for awake (polling, yielding the core): a process
 # blocked in recv took 0.1-0.4 ms to run again after its reply came (a 2-vCPU VM), an MLP
-# loop's item() 854 -> 690 us. Slower replies are waited for asleep, as before.
+# loop's item() 889 -> 742 us. Slower replies are waited for asleep, as before.
 SPIN_MAX_S = 0.002
 SHM_MIN_BYTES = 32 * 1024
 DEFAULT_SHM_BYTES = 256 * 1024 * 1024
