@@ -49,6 +49,21 @@ def test_ring_never_overwrites_unconsumed(ops: list[tuple[int, int]], tmp_path_f
         del os.environ["ORION_SHM_DIR"]
 
 
+def test_an_empty_ring_starts_over_at_its_first_pages(shm_dir: Path) -> None:
+    """Once the server has consumed everything, the next upload goes to the ring's start
+    (pages already mapped) instead of walking on into pages never touched."""
+    client = Arena(str(shm_dir / "orion-00000000bbbbbbbb"), SIZE, create=True)
+    server = Arena(str(shm_dir / "orion-00000000bbbbbbbb"))
+    first = client.reserve(5000)
+    second = client.reserve(7000)  # the first is not consumed yet: it goes after it
+    assert second % client.ring_size == first % client.ring_size + 5000
+    server.set_consumed(second + 7000)
+    third = client.reserve(3000)
+    assert third % client.ring_size == 0 and third > second  # positions stay monotonic
+    server.set_consumed(third + 1000)  # partly consumed: no restart while bytes are pending
+    assert client.reserve(100) == third + 3000
+
+
 def test_ring_full_times_out(shm_dir: Path) -> None:
     a = Arena(str(shm_dir / "orion-00000000aaaaaaaa"), SIZE, create=True)
     a.reserve(60 * 1024)
