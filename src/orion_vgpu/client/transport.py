@@ -70,6 +70,9 @@ FLUSH_FIRST = 8
 # loop's item() 889 -> 742 us. Slower replies are waited for asleep, as before.
 SPIN_MAX_S = 0.002
 SHM_MIN_BYTES = 32 * 1024
+# Uploads up to this size sent in the socket's frames are copied and queued with the
+# commands; larger ones are sent from the caller's memory at once (one copy fewer).
+INLINE_COPY_BYTES = 64 * 1024
 DEFAULT_SHM_BYTES = 256 * 1024 * 1024
 # Stream large transfers through shared memory in chunks (protocol.shm); off: whole copies.
 SHM_STREAM = True
@@ -86,6 +89,7 @@ class Connection:
         self.packer = msgpack.Packer(default=codec.encode_default, autoreset=True)
         self.buf = bytearray()
         self.payload: list[memoryview] = []
+        self.payload_bytes = 0  # of queued small uploads, copied into ``payload``
         self.n_cmds = 0
         self.flush_at = FLUSH_FIRST
         self.frees: list[int] = []
@@ -253,6 +257,7 @@ class Connection:
             return
         body, self.buf = self.buf, bytearray()
         payload, self.payload = self.payload, []
+        self.payload_bytes = 0
         self.n_cmds = 0
         try:
             frames.send_frame(self.sock, body, payload)
@@ -373,6 +378,16 @@ class Connection:
         data = memoryview(raw.numpy()) if raw is not None else None  # fails before queueing
         self._queue_frees()
         self.buf += self.packer.pack([m.CMD_UPLOAD, handle, code, list(t.shape), nbytes, None])
+        if nbytes <= INLINE_COPY_BYTES:
+            # A copy of a small tensor's bytes rides with the next frame, as the ops do (a
+            # frame of its own cost a system call and a worker wake-up per upload).
+            if data is not None:
+                self.payload.append(memoryview(data.tobytes()))
+                self.payload_bytes += nbytes
+            self.n_cmds += 1
+            if self.n_cmds >= self.flush_at or len(self.buf) + self.payload_bytes >= FLUSH_BYTES:
+                self.flush()
+            return
         if data is not None:
             self.payload.append(data)
         self.flush()  # the caller may modify its tensor right after .to("cuda") returns
