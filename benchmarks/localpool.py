@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +58,22 @@ def pinned(cpus: set[int] | None):  # noqa: ANN201 - a preexec_fn or None
     return None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _daemon_setup(cpus: set[int] | None):  # noqa: ANN202 - a preexec_fn
+    """``pinned``, and the daemon gets SIGTERM when the benchmark dies, however it dies (a
+    benchmark killed by a signal runs no cleanup, and its pool would outlive it)."""
+    def setup() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):  # not Linux: cleanup as before, on normal exit
+            pass
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+    return setup
+
+
 def print_table(rows: list[dict], title: str = "", width: int = 58, fmt: str = "10.1f",
                 missed: str = "MISSED") -> None:
     """Rows as write_json takes them, one a line: name, local, remote, ratio, target."""
@@ -86,7 +104,7 @@ def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
     False writes ``enable_computation_throttle = false`` (no compute share at all).
     ``cpus``: the controller and oriond (and so its workers) run on these CPUs only.
     """
-    pin = pinned(cpus)
+    pin = _daemon_setup(cpus)
     tmp = Path(tempfile.mkdtemp(prefix="orion-bench-"))
     cport, sport = _port(), _port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
