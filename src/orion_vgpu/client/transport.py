@@ -387,6 +387,7 @@ class Connection:
             self.n_cmds += 1
             if self.n_cmds >= self.flush_at or len(self.buf) + self.payload_bytes >= FLUSH_BYTES:
                 self.flush()
+                self.flush_at = min(2 * self.flush_at, FLUSH_OPS)  # as push() does
             return
         if data is not None:
             self.payload.append(data)
