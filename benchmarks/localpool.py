@@ -64,13 +64,15 @@ _PR_SET_PDEATHSIG = 1
 def _daemon_setup(cpus: set[int] | None):  # noqa: ANN202 - a preexec_fn
     """``pinned``, and the daemon gets SIGTERM when the benchmark dies, however it dies (a
     benchmark killed by a signal runs no cleanup, and its pool would outlive it)."""
+    pin = pinned(cpus)
+
     def setup() -> None:
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         except (OSError, AttributeError):  # not Linux: cleanup as before, on normal exit
             pass
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
+        if pin is not None:
+            pin()
     return setup
 
 

@@ -210,7 +210,7 @@ class Connection:
                 return
             self.buf += self.packer.pack(cmd)
             self.n_cmds += 1
-            if self.n_cmds >= self.flush_at or len(self.buf) >= FLUSH_BYTES:
+            if self.n_cmds >= self.flush_at or len(self.buf) + self.payload_bytes >= FLUSH_BYTES:
                 self.flush()
                 self.flush_at = min(2 * self.flush_at, FLUSH_OPS)
 
@@ -377,18 +377,16 @@ class Connection:
             return
         data = memoryview(raw.numpy()) if raw is not None else None  # fails before queueing
         self._queue_frees()
-        self.buf += self.packer.pack([m.CMD_UPLOAD, handle, code, list(t.shape), nbytes, None])
+        cmd = [m.CMD_UPLOAD, handle, code, list(t.shape), nbytes, None]
         if nbytes <= INLINE_COPY_BYTES:
             # A copy of a small tensor's bytes rides with the next frame, as the ops do (a
             # frame of its own cost a system call and a worker wake-up per upload).
             if data is not None:
                 self.payload.append(memoryview(data.tobytes()))
                 self.payload_bytes += nbytes
-            self.n_cmds += 1
-            if self.n_cmds >= self.flush_at or len(self.buf) + self.payload_bytes >= FLUSH_BYTES:
-                self.flush()
-                self.flush_at = min(2 * self.flush_at, FLUSH_OPS)  # as push() does
+            self.push(cmd)
             return
+        self.buf += self.packer.pack(cmd)
         if data is not None:
             self.payload.append(data)
         self.flush()  # the caller may modify its tensor right after .to("cuda") returns
