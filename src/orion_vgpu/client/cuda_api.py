@@ -22,6 +22,7 @@ from torch.utils._device import DeviceContext
 from orion_vgpu.client import (
     autocast,
     cuda_memory,
+    device_monitor,
     distributed,
     frontend,
     generators,
@@ -596,6 +597,18 @@ def get_per_process_memory_fraction(device: Any = None) -> float:
     return cuda_memory.get_per_process_memory_fraction(_index(device))
 
 
+def utilization(device: Any = None) -> int:
+    return device_monitor.utilization(_index(device))
+
+
+def device_memory_used(device: Any = None) -> int:
+    return device_monitor.device_memory_used(_index(device))
+
+
+def list_gpu_processes(device: Any = None) -> str:
+    return device_monitor.list_gpu_processes(_index(device))
+
+
 def can_device_access_peer(device: Any, peer_device: Any) -> bool:
     """vGPUs of a program copy to each other (server to server where they can)."""
     n = device_count()
@@ -802,6 +815,13 @@ _CUDA_FUNCS = {
     "get_allocator_backend": lambda: "native", "ipc_collect": cuda_memory.no_op,
     "set_stream": set_stream, "can_device_access_peer": can_device_access_peer,
     "set_sync_debug_mode": set_sync_debug_mode, "get_sync_debug_mode": get_sync_debug_mode,
+    "utilization": utilization, "device_memory_used": device_memory_used,
+    "list_gpu_processes": list_gpu_processes,
+    "memory_usage": device_monitor.hardware_only(
+        "memory_usage", "torch.cuda.utilization() or torch.cuda.memory_allocated()"),
+    "temperature": device_monitor.hardware_only("temperature", "the server's nvidia-smi"),
+    "power_draw": device_monitor.hardware_only("power_draw", "the server's nvidia-smi"),
+    "clock_rate": device_monitor.hardware_only("clock_rate", "the server's nvidia-smi"),
 }
 
 

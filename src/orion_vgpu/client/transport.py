@@ -85,6 +85,7 @@ class Connection:
                  shm_path: str | None = None) -> None:
         self.vgpu = vgpu
         self.where = vgpu.get("node_addr", "?")
+        self.opened = time.monotonic()  # the session's start, for torch.cuda.utilization
         self.sock = self._connect(vgpu, enable_net)
         self.packer = msgpack.Packer(default=codec.encode_default, autoreset=True)
         self.buf = bytearray()

@@ -1,6 +1,7 @@
 # What a program sees of CUDA on a vGPU; every check is an assert, "RESULT ok" at the end.
 import io
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,23 @@ except TypeError as exc:
 assert torch.cuda.memory_allocated() > 0
 assert torch.cuda.max_memory_allocated() >= torch.cuda.memory_allocated()
 assert torch.cuda.memory_stats()["allocated_bytes.all.current"] > 0
+# NVML's queries answer from the session: its busy share, the memory it holds.
+torch.cuda.utilization()
+w = torch.randn(256, 256, device="cuda")
+t_end = time.monotonic() + 0.3
+while time.monotonic() < t_end:
+    w = (w @ w).tanh_()
+assert 1 <= torch.cuda.utilization() <= 100
+time.sleep(0.2)
+assert torch.cuda.utilization() == 0  # nothing ran since the last call
+assert torch.cuda.device_memory_used() >= w.nbytes
+assert f"process {os.getpid():>10d} uses" in torch.cuda.list_gpu_processes()
+try:
+    torch.cuda.temperature()
+    raise AssertionError("temperature() on a vGPU must fail")
+except RuntimeError as exc:
+    assert "vGPU does not expose" in str(exc)
+del w
 torch.cuda.synchronize()
 s = torch.cuda.Stream()
 with torch.cuda.stream(s):
