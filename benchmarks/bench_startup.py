@@ -146,6 +146,16 @@ def bytecode_state() -> str:
     return f"{valid} of {len(files)} client modules byte-compiled"
 
 
+def byte_compile() -> None:
+    """Compile the package's modules as an installation (or a first run) leaves them: with
+    PYTHONDONTWRITEBYTECODE set, a module edited since its .pyc was written is compiled
+    again in every program: two edited client modules added 9 ms to every start-up."""
+    import compileall
+
+    import orion_vgpu
+    compileall.compile_dir(str(Path(orion_vgpu.__file__).parent), quiet=1)
+
+
 def median(runs: list[dict], key: str) -> float:
     return statistics.median(r.get(key, 0.0) for r in runs)
 
@@ -156,6 +166,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results as JSON to this path")
     a = ap.parse_args()
     local_env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
+    byte_compile()
     loc: list[dict] = []
     rem: list[dict] = []
     with local_pool() as env:
