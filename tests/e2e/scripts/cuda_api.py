@@ -36,6 +36,23 @@ except TypeError as exc:
 assert torch.cuda.memory_allocated() > 0
 assert torch.cuda.max_memory_allocated() >= torch.cuda.memory_allocated()
 assert torch.cuda.memory_stats()["allocated_bytes.all.current"] > 0
+# Host tensors to the vGPU: autograd sees the copy when it must; lazy conj/neg views send
+# their values; a dtype change and a non-contiguous source (the general path) as locally.
+leaf = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+(leaf.to("cuda") * 2).sum().backward()
+assert leaf.grad.tolist() == [2.0, 2.0, 2.0]
+with torch.no_grad():
+    assert leaf.to("cuda").grad_fn is None
+assert torch.tensor([1 + 2j, 3 - 1j]).conj().to("cuda").cpu().tolist() == [1 - 2j, 3 + 1j]
+assert torch.tensor([1.0, -2.0])._neg_view().cuda().cpu().tolist() == [-1.0, 2.0]
+assert torch.arange(4, dtype=torch.int32).to("cuda", torch.float16).dtype == torch.float16
+nc = torch.arange(6.0).reshape(2, 3).t()
+assert nc.to("cuda").cpu().tolist() == nc.tolist()
+try:
+    torch.ones(2).to("cuda:7")
+    raise AssertionError("a device ordinal past ORION_VGPU must fail")
+except RuntimeError as exc:
+    assert "invalid device ordinal" in str(exc)
 # NVML's queries answer from the session: its busy share, the memory it holds.
 torch.cuda.utilization()
 w = torch.randn(256, 256, device="cuda")
