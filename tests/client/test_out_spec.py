@@ -27,11 +27,10 @@ def test_a_dense_output_is_made_from_its_sizes_alone_with_the_same_layout(
                                           max_size=len(size)).map(tuple)))
     offset = data.draw(st.sampled_from([0, 0, 3]))
     spec = fe._OutSpec("tensor", [_new_item(size, stride, offset)], 4096)
-    full = fe._make(fe.RemoteTensor, size, stride, offset, dtype=torch.float32,
-                    device=fe.META_DEV[0])
+    full = fe.wrap(size, stride, offset, torch.float32, 0, 0)
     assert spec.one is not None and spec.alias == -1
     if spec.dense:
-        short = fe._make(fe.RemoteTensor, size, dtype=torch.float32, device=fe.META_DEV[0])
+        short = fe.wrap(size, stride, offset, torch.float32, 0, 0, dense=True)
         assert (short.shape, short.stride(), short.storage_offset()) == \
             (full.shape, full.stride(), full.storage_offset())
     else:

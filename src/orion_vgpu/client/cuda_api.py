@@ -185,10 +185,7 @@ def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
         # What _to_copy does at the end of the general path below (its nested to() calls and
         # dispatch mode cost 11 of a small upload's 27 us).
         _check_index(idx)
-        src = self if dtype in (None, self.dtype) else self.to(dtype)
-        if src.is_conj() or src.is_neg():  # a lazy view's values, not its bits (as CUDA's copy)
-            src = src.resolve_conj().resolve_neg()
-        return frontend.upload(src, idx)
+        return frontend.upload(self if dtype in (None, self.dtype) else self.to(dtype), idx)
     new_kwargs: dict[str, Any] = {"device": frontend.META_DEV[idx]}
     if dtype is not None:
         new_kwargs["dtype"] = dtype
@@ -571,11 +568,8 @@ def synchronize(device: Any = None) -> None:
 
 
 def _stats(device: Any = None) -> dict:
-    idx = current_device() if device is None else _cuda_index(device)
-    rt = get_runtime()
-    if not rt.started:
-        return {"allocated": 0, "peak": 0, "limit": 0}
-    return rt.conn(idx or 0).stats()
+    stats = device_monitor.session_stats(_index(device))
+    return {"allocated": 0, "peak": 0, "limit": 0} if stats is None else stats
 
 
 def _index(device: Any) -> int:

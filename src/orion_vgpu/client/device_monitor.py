@@ -21,7 +21,9 @@ from orion_vgpu.client.runtime import get_runtime
 _samples: dict[int, tuple[float, float]] = {}
 
 
-def _session_stats(idx: int) -> dict | None:
+def session_stats(idx: int) -> dict | None:
+    """The session's CMD_STATS reply (allocated, peak, limit, ops, busy_s); None before
+    the program's first CUDA work."""
     rt = get_runtime()
     if not rt.started:
         return None  # no CUDA work yet: nothing has run, and no session is opened for it
@@ -31,7 +33,7 @@ def _session_stats(idx: int) -> dict | None:
 def utilization(idx: int) -> int:
     """Percent of the time since the previous call (the first: since the session opened)
     that this program's ops kept its vGPU busy, as nvidia-smi's GPU utilization."""
-    stats = _session_stats(idx)
+    stats = session_stats(idx)
     if stats is None:
         return 0
     now, busy = time.monotonic(), float(stats.get("busy_s", 0.0))
@@ -45,7 +47,7 @@ def utilization(idx: int) -> int:
 
 def device_memory_used(idx: int) -> int:
     """Bytes this program's session holds on the server (its share of the GPU's memory)."""
-    stats = _session_stats(idx)
+    stats = session_stats(idx)
     return 0 if stats is None else int(stats.get("allocated", 0))
 
 
