@@ -18,5 +18,6 @@ def test_nn_transformer_and_masks_match_local_exactly(pool, tmp_path: Path) -> N
     ctl, _ = pool
     local = _lines(run_local("transformer_nn.py"))
     remote = _lines(run_script("transformer_nn.py", client_env(ctl, tmp_path / "client")))
-    assert [line.split()[0] for line in local] == ["step"] * 6 + ["sdpa3d", "sdpa-bool"]
+    assert [line.split()[0] for line in local] == ["step"] * 6 + ["sdpa3d", "sdpa-bool",
+                                                                    "eval-padded"]
     assert remote == local  # fp32, to the last printed digit: the same kernels ran

@@ -23,3 +23,15 @@ def test_views_match_local_and_send_no_ops(pool, tmp_path: Path) -> None:
     assert remote == local
     (commands,) = _lines(remote_proc, "COMMANDS")
     assert commands == "COMMANDS views-sent-ops 0 views-made 140", commands
+
+
+def test_data_assignment_and_format_specs_match_local(pool, tmp_path: Path) -> None:
+    """``x.data = y`` makes x name y's memory on the server (before, only the wrapper's
+    metadata changed: x kept its old values); f"{loss:.4f}" formats a 0-d vGPU tensor."""
+    ctl, _ = pool
+    local = _lines(run_local("data_assign.py"), "RESULT")
+    remote_proc = run_script("data_assign.py", client_env(ctl, tmp_path / "c"))
+    assert len(local) == 18
+    assert _lines(remote_proc, "RESULT") == local
+    (memory,) = _lines(remote_proc, "MEMORY")
+    assert memory.startswith("MEMORY True True "), memory

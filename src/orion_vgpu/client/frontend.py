@@ -75,6 +75,25 @@ class RemoteTensor(torch.Tensor):
     def get_device(self) -> int:  # type: ignore[override]
         return self._dev
 
+    @property  # type: ignore[override]
+    def data(self) -> torch.Tensor:
+        return _BASE_DATA.__get__(self)
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        """``x.data = y``: PyTorch gives the wrapper y's sizes, dtype and device; the server
+        handle must follow, so that x and y share y's memory from now on, as on CUDA."""
+        _BASE_DATA.__set__(self, new)
+        if type(new) is RemoteTensor and new is not self:
+            _adopt_handle(self, new)
+
+    def __format__(self, spec: str) -> str:
+        """f"{loss:.4f}" formats a 0-d tensor's value, as PyTorch does for its own tensors
+        (its check is for the exact Tensor type, which a wrapper is not)."""
+        if self.dim() == 0:
+            return self.item().__format__(spec)
+        return object.__format__(self, spec)
+
     def __del__(self) -> None:
         try:
             if self._own is None:
@@ -183,6 +202,7 @@ _LEGACY_TYPES = {"FloatTensor": torch.float32, "DoubleTensor": torch.float64,
                  "IntTensor": torch.int32, "LongTensor": torch.int64, "BoolTensor": torch.bool}
 _OWN_ATTRS = frozenset({"_h", "_dev", "_ext", "_key", "_st", "_own", "_lazy"})  # wrap, _view
 _saved_cuda: dict[int, int] = {}
+_BASE_DATA = torch._C.TensorBase.data
 _make = torch.Tensor._make_wrapper_subclass
 # Bytes of live storages per vGPU, as the program holds them: instant memory_allocated()
 # and an OutOfMemoryError at the offending line (the server's ledger stays authoritative).
@@ -273,6 +293,18 @@ class _Owner:
             _pending_free.append((self.dev, self.h))
         except Exception:  # interpreter shutdown
             pass
+
+
+def _adopt_handle(t: RemoteTensor, src: RemoteTensor) -> None:
+    """Make ``t`` name ``src``'s memory on the server (after ``t.data = src``): the handle
+    goes to an _Owner shared by both, and ``t``'s own is freed if nothing else has it."""
+    if t._own is None:
+        _pending_free.append((t._dev, t._h))
+    own = src._own
+    if own is None:
+        own = src._own = _Owner(src)
+    t._h, t._dev, t._ext, t._key = src._h, src._dev, src._ext, src._key
+    t._st, t._lazy, t._own = src._st, src._lazy, own
 
 
 def _view(base: RemoteTensor, it: tuple, dev: int) -> RemoteTensor:
@@ -1167,7 +1199,21 @@ def _is_pinned(func: Any, args: tuple, kwargs: dict, default_dev: int | None) ->
     return False
 
 
+# nn.TransformerEncoder in eval mode with a padding mask packs its input into a nested
+# tensor, which a vGPU cannot hold: "not left-aligned" makes it take its dense path (same
+# values at the unpadded positions; the padded ones are computed, not zeroed).
+def _not_left_aligned(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    return False
+
+
+def _no_nested(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    raise RuntimeError("nested tensors are not supported on a vGPU; for nn.TransformerEncoder "
+                       "pass enable_nested_tensor=False (or keep mask_check=True)")
+
+
 _SPECIAL: dict[Any, Callable[..., Any]] = {
+    aten._nested_tensor_from_mask_left_aligned.default: _not_left_aligned,
+    aten._nested_tensor_from_mask.default: _no_nested,
     aten._to_copy.default: _to_copy,
     aten.copy_.default: _copy_,
     aten.lift_fresh.default: _lift,

@@ -32,3 +32,11 @@ qg = q.clone().requires_grad_(True)
 b = F.scaled_dot_product_attention(qg, qg, qg, attn_mask=keep.to(device))  # a bool mask
 b.sum().backward()
 print("sdpa-bool", repr(b.sum().item()), repr(qg.grad.sum().item()))
+# Inference with a padding mask: PyTorch packs the batch into a nested tensor on CUDA and
+# the CPU (a vGPU takes the dense path); the unpadded positions must agree.
+packed = nn.TransformerEncoder(layer, 2).to(device).eval()  # enable_nested_tensor=True
+lengths = torch.tensor([T, 9, 5, T, 1, 7, 12, 3])
+pad = torch.arange(T)[None, :] >= lengths[:, None]
+with torch.inference_mode():
+    out = packed(embed(x), src_key_padding_mask=pad.to(device)).cpu()
+print("eval-padded", [round(out[i, :n].abs().sum().item(), 3) for i, n in enumerate(lengths.tolist())])
