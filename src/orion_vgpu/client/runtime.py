@@ -64,6 +64,7 @@ class Runtime:
         self.seeds: dict[int, int] = {}
         self.pid = os.getpid()
         self.failed: OrionError | None = None
+        self.parents_conns: list[Connection] = []  # in a forked child: never used, never closed
 
     @property
     def device_count(self) -> int:
@@ -89,9 +90,6 @@ class Runtime:
                 return
             if self.failed is not None:
                 raise self.failed
-            if os.getpid() != self.pid:
-                raise OrionError("a forked child process cannot use its parent's vGPU session "
-                                 "(use the 'spawn' start method for processes that use CUDA)")
             try:
                 self._start()
             except OrionError as exc:
@@ -111,6 +109,9 @@ class Runtime:
         t1 = time.perf_counter()
         self.alloc = alloc
         atexit.register(self.shutdown)
+        mp_util = sys.modules.get("multiprocessing.util")
+        if mp_util is not None:  # a multiprocessing child ends in os._exit, past atexit
+            mp_util.Finalize(self, self.shutdown, exitpriority=0)
         try:
             self.conns.extend(self._open_sessions(alloc["vgpus"]))
         except BaseException:
@@ -206,6 +207,30 @@ class Runtime:
             if not quiet:
                 _say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [INFO] Client exits with allocation "
                      f"ID {alloc['id']}")
+
+
+FORKED = ("Cannot re-initialize CUDA in forked subprocess: this process was forked after its "
+          "parent opened its vGPU session. To use CUDA with multiprocessing, you must use the "
+          "'spawn' start method")
+
+
+def _after_fork_in_child() -> None:
+    """As with CUDA: a child forked before the parent used its vGPU may open a session of
+    its own; one forked after must not write into the parent's session (its socket and
+    shared memory are the parent's too), so every CUDA call of the child raises."""
+    rt = _runtime
+    if rt is None:
+        return
+    rt.lock = threading.RLock()  # another thread of the parent may have held it
+    rt.pid = os.getpid()
+    if rt.alloc is None:
+        return
+    rt.parents_conns, rt.conns = rt.conns, []  # kept, not closed: they are the parent's
+    rt.alloc = None
+    rt.failed = OrionError(FORKED)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _one_by_one(open_one: Callable[[dict], Connection], vgpus: list[dict]) -> list[Connection]:
