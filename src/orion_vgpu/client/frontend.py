@@ -108,6 +108,12 @@ class RemoteTensor(torch.Tensor):
     def tolist(self) -> Any:  # type: ignore[override]
         return self.cpu().tolist()
 
+    def apply_(self, callable: Any) -> Any:  # type: ignore[override]
+        raise TypeError("apply_ is only implemented on CPU tensors")
+
+    def map_(self, tensor: Any, callable: Any) -> Any:  # type: ignore[override]
+        raise TypeError("map_ is only implemented on CPU tensors")
+
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return _repr(self)
 

@@ -16,6 +16,7 @@ aside (``depth``), so each call is handled once, by the mode, as before.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -75,7 +76,11 @@ def install(create: Factory, cuda_index: Callable[[Any], int | None],
         return
 
     def factory(orig: Any) -> Any:
+        reads_data = orig in (torch.tensor, torch.as_tensor, torch.asarray)
+
         def hook(*args: Any, **kwargs: Any) -> Any:
+            if reads_data and args and type(args[0]) in (list, tuple):
+                args = (host_elements(args[0]), *args[1:])
             dev = kwargs.get("device")
             if dev is None or depth.n:
                 if "generator" in kwargs and not depth.n:
@@ -98,6 +103,41 @@ def install(create: Factory, cuda_index: Callable[[Any], int | None],
         for owner, name in _homes(orig):
             _wrap(owner, name, functools.partial(_special, handler=handler))
     _wrap_autocast(autocast_mode)
+
+
+def host_elements(data: list | tuple) -> list | tuple:
+    """``torch.tensor([loss_a, loss_b])`` with vGPU tensors: PyTorch's C++ takes a wrapper
+    subclass with a Python __getitem__ for a sequence (len() of a 0-d one raises) and reads
+    an element's value below Python (a wrapper has none); it reads a CUDA tensor's value.
+    Such elements become host copies."""
+    return _to_host(data) if _holds_vgpu(data) else data
+
+
+def _holds_vgpu(data: list | tuple) -> bool:
+    items: Any = data
+    while True:  # level by level, at C speed: torch.tensor(a long list of rows of numbers)
+        kinds = set(map(type, items))
+        for kind in kinds:
+            if (issubclass(kind, torch.Tensor)
+                    and any(d.is_cuda for d in items if type(d) is kind)):
+                return True
+        nested = kinds & _SEQUENCES
+        if not nested:
+            return False
+        if len(kinds) > len(nested):
+            items = [d for d in items if type(d) in _SEQUENCES]
+        items = list(itertools.chain.from_iterable(items))
+
+
+_SEQUENCES = {list, tuple}
+
+
+def _to_host(data: Any) -> Any:
+    if type(data) in (list, tuple):
+        return [_to_host(d) for d in data]
+    if isinstance(data, torch.Tensor) and data.is_cuda:
+        return data.cpu()
+    return data
 
 
 def host_generator(gen: Any, args: tuple) -> None:
