@@ -15,7 +15,7 @@ from pathlib import Path
 from orion_vgpu import __version__
 from orion_vgpu.client import allocation
 from orion_vgpu.client.errors import OrionError
-from orion_vgpu.client.transport import Connection
+from orion_vgpu.client.transport import Connection, install_interrupt_guard
 
 log = logging.getLogger("orion.client")
 # Seconds each start-up step took in this process (benchmarks/bench_startup.py reads them):
@@ -119,6 +119,7 @@ class Runtime:
             raise
         t2 = time.perf_counter()
         startup.update(allocate=t1 - t0, connect=t2 - t1)
+        install_interrupt_guard()
         for dev, seed in self.seeds.items():
             self.conns[dev].seed(seed)
         self.sync_settings()

@@ -10,6 +10,7 @@ import getpass
 import os
 import secrets
 import select
+import signal
 import socket
 import sys
 import threading
@@ -78,6 +79,67 @@ DEFAULT_SHM_BYTES = 256 * 1024 * 1024
 SHM_STREAM = True
 
 
+class _Exchange(threading.local):
+    depth = 0  # exchanges with a server under way in this thread
+    pending = False  # a Ctrl-C came during one (main thread)
+    conn: Connection | None = None
+
+
+_exchange = _Exchange()
+_prev_sigint: Any = None
+INTERRUPTED = ("this program's vGPU session was interrupted in the middle of a message (a "
+               "second Ctrl-C): what it computed is lost; rerun the program")
+
+
+def install_interrupt_guard() -> None:
+    """Ctrl-C in the middle of a message would leave half a frame on the socket, or a reply
+    nobody reads, and every later op of the session would read the wrong bytes (a Jupyter
+    kernel goes on after an interrupt). As a CUDA sync finishes before Python sees the
+    signal, an exchange finishes before the KeyboardInterrupt; a second Ctrl-C during one
+    gives the session up at once. Installed once, from the main thread, over a Python
+    handler (SIG_IGN and SIG_DFL are left alone)."""
+    global _prev_sigint
+    if _prev_sigint is not None or threading.current_thread() is not threading.main_thread():
+        return
+    prev = signal.getsignal(signal.SIGINT)
+    if callable(prev):
+        _prev_sigint = prev
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def _on_sigint(signum: int, frame: Any) -> Any:
+    ex = _exchange  # the main thread's: Python runs signal handlers there
+    if ex.depth:
+        if not ex.pending:
+            ex.pending = True
+            return None
+        if ex.conn is not None:
+            ex.conn.broken = INTERRUPTED
+    ex.pending = False
+    return _prev_sigint(signum, frame)
+
+
+class _Guard:
+    """``with conn.guard``: one exchange with the server (see install_interrupt_guard)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        ex = _exchange
+        ex.depth += 1
+        ex.conn = self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        ex = _exchange
+        ex.depth -= 1
+        if ex.pending and not ex.depth:
+            ex.pending = False
+            _prev_sigint(signal.SIGINT, None)
+
+
 class Connection:
     """A session on one vGPU of an allocation."""
 
@@ -100,6 +162,8 @@ class Connection:
         self.host_pool: HostPool | None = None  # buffers downloads land in (arena sessions)
         self.defined: set[int] = set()
         self.closed = False
+        self.broken: str | None = None  # why the byte stream can no longer be trusted
+        self.guard = _Guard(self)
         self.capture: bytearray | None = None  # commands recorded by a CUDA graph capture
         self.kept: list[int] = []
         # Programs may drive one vGPU from several threads (DataLoader pinning, DataParallel).
@@ -256,14 +320,17 @@ class Connection:
         self._queue_frees()
         if not self.buf:
             return
-        body, self.buf = self.buf, bytearray()
-        payload, self.payload = self.payload, []
-        self.payload_bytes = 0
-        self.n_cmds = 0
-        try:
-            frames.send_frame(self.sock, body, payload)
-        except OSError as exc:
-            raise self._lost(exc) from None
+        if self.broken:
+            raise OrionError(self.broken)
+        with self.guard:
+            body, self.buf = self.buf, bytearray()
+            payload, self.payload = self.payload, []
+            self.payload_bytes = 0
+            self.n_cmds = 0
+            try:
+                frames.send_frame(self.sock, body, payload)
+            except OSError as exc:
+                raise self._lost(exc) from None
 
     def _queue_frees(self) -> None:
         """Frees after everything queued so far (which may still use those handles)."""
@@ -274,7 +341,7 @@ class Connection:
 
     def request(self, cmd: list) -> list:
         """Send ``cmd`` (which asks for an answer) after everything queued; wait for it."""
-        with self.lock:
+        with self.lock, self.guard:
             self._not_capturing()
             self.buf += self.packer.pack(cmd)
             self.flush()
@@ -341,7 +408,7 @@ class Connection:
 
     # bulk data ---------------------------------------------------------------
     def upload(self, handle: int, t: torch.Tensor) -> None:
-        with self.lock:
+        with self.lock, self.guard:
             self._upload(handle, t)
 
     def _upload(self, handle: int, t: torch.Tensor) -> None:
@@ -419,7 +486,7 @@ class Connection:
     def fetch(self, handle: int, nbytes: int = 0) -> torch.Tensor:
         """The tensor's bytes in a host tensor; ``nbytes`` (its size, when the caller knows
         it) lets a large one land in a host buffer with one copy (client.hostpool)."""
-        with self.lock:
+        with self.lock, self.guard:
             pool = self.host_pool
             buf = pool.take(nbytes) if pool is not None and nbytes >= ONE_COPY_MIN else None
             if buf is None:
@@ -501,7 +568,7 @@ class Connection:
     def peer_send(self, handle: int, xid: bytes) -> int:
         """Offer ``handle`` to the peer that pulls ``xid``; sent at once (the receive
         that follows on the other vGPU waits for it). Returns its sequence number."""
-        with self.lock:
+        with self.lock, self.guard:
             self._not_capturing()
             self.peer_seq += 1
             self.buf += self.packer.pack([m.CMD_PEER_SEND, handle, xid, self.peer_seq])
@@ -511,7 +578,7 @@ class Connection:
     def peer_recv(self, handle: int, xid: bytes, seq: int, route: list, t: torch.Tensor) -> None:
         """Pull transfer ``xid`` into a new tensor ``handle`` shaped like ``t``; sent at
         once so the source's snapshot is taken early."""
-        with self.lock:
+        with self.lock, self.guard:
             self._not_capturing()
             self.buf += self.packer.pack([m.CMD_PEER_RECV, handle, xid, seq, route,
                                           codec.DTYPE_CODE[t.dtype], list(t.shape)])
@@ -522,7 +589,7 @@ class Connection:
 
     def rng_state(self, gid: int = 0) -> torch.Tensor:
         """The state of the vGPU's default generator, or of the program's generator ``gid``."""
-        with self.lock:
+        with self.lock, self.guard:
             reply = self.request([m.CMD_RNG_GET, gid] if gid else [m.CMD_RNG_GET])
             state = torch.empty(int(reply[1]), dtype=torch.uint8, device="cpu")
             frames.recv_exact_into(self.sock, memoryview(state.numpy()))
@@ -530,7 +597,7 @@ class Connection:
 
     def set_rng_state(self, state: torch.Tensor, gid: int = 0) -> None:
         state = state.contiguous().view(torch.uint8)
-        with self.lock:
+        with self.lock, self.guard:
             cmd = [m.CMD_RNG_SET, state.numel(), gid] if gid else [m.CMD_RNG_SET, state.numel()]
             self.buf += self.packer.pack(cmd)
             self.payload.append(memoryview(state.numpy()))
