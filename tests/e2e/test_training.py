@@ -52,6 +52,16 @@ def test_oom_beyond_gmem_keeps_session_usable(pool, tmp_path: Path, enable_net: 
     assert out[2] == "RESULT caught-at-line True"
 
 
+def test_dropped_tensors_are_freed_without_the_cycle_collector(pool, tmp_path: Path) -> None:
+    """A first-seen op kept its inputs in a reference cycle until a gc: their vGPU memory
+    stayed held (a later allocation could run out of quota, as the OOM test above did
+    when a gc came late)."""
+    ctl, _ = pool
+    out = _result(run_script("no_cycles.py", client_env(ctl, tmp_path / "c")))
+    assert out == [f"RESULT held after round {i} 0" for i in range(3)] + [
+        "RESULT tensors in cycles 0"]
+
+
 def test_amp_autocast_and_gradscaler_converge(pool, tmp_path: Path) -> None:
     ctl, _ = pool
     out = _result(run_script("amp.py", client_env(ctl, tmp_path / "c")))

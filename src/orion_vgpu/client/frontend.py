@@ -948,22 +948,10 @@ def _probe(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int, inputs: li
     if kind == "value":
         _meta_cache[key] = _SYNC
         return items[0][1]
-    fresh = 0
-
-    def to_spec(it: list) -> tuple:
-        nonlocal fresh
-        tag = it[0]
-        if tag == "new":
-            fresh += it[6]
-            meta = (tuple(it[1]), tuple(it[2]), it[3], it[4])
-            return ("new", *meta, it[5], it[6], meta, _view_tail(it, inputs))
-        if tag == "alias":
-            return ("alias", it[1])
-        if tag == "list":
-            return ("list", [to_spec(x) for x in it[1]])
-        return ("none",)
-
-    spec = _OutSpec(kind, [to_spec(it) for it in items], fresh, _restrided(items, inputs))
+    nbytes = [0]
+    specs = [_to_spec(it, inputs, nbytes) for it in items]
+    fresh = nbytes[0]
+    spec = _OutSpec(kind, specs, fresh, _restrided(items, inputs))
     if not any(it[0] == "value" for it in items):
         _meta_cache[key] = spec
     handles = iter(h for h in _new_handles(items))
@@ -977,6 +965,22 @@ def _probe(conn: Any, oid: int, enc_args: Any, enc_kw: Any, dev: int, inputs: li
         del out
         check_quota(dev, fresh, used)
     return out
+
+
+def _to_spec(it: list, inputs: list, nbytes: list[int]) -> tuple:
+    """One output's cache entry from the server's description; adds its new bytes to
+    ``nbytes[0]``. (A module function: a recursive closure over ``inputs`` was a reference
+    cycle that kept every first-seen op's inputs, and their vGPU memory, until a gc.)"""
+    tag = it[0]
+    if tag == "new":
+        nbytes[0] += it[6]
+        meta = (tuple(it[1]), tuple(it[2]), it[3], it[4])
+        return ("new", *meta, it[5], it[6], meta, _view_tail(it, inputs))
+    if tag == "alias":
+        return ("alias", it[1])
+    if tag == "list":
+        return ("list", [_to_spec(x, inputs, nbytes) for x in it[1]])
+    return ("none",)
 
 
 def _restrided(items: list, inputs: list) -> list:
