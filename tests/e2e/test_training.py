@@ -150,7 +150,9 @@ def test_two_vgpus_on_two_gpus(pool, tmp_path: Path) -> None:
 def test_errors_have_pytorch_types_and_session_continues(pool, tmp_path: Path) -> None:
     ctl, _ = pool
     out = _result(run_script("errors.py", client_env(ctl, tmp_path / "c")))
-    assert out == ["RESULT shape True", "RESULT index True", "RESULT after 24.0"], out
+    assert out == ["RESULT shape True", "RESULT index True", "RESULT after 24.0",
+                   "RESULT storage CodecError cannot send a UntypedStorage to a vGPU",
+                   "RESULT next [0.0, 2.0, 4.0]"], out
 
 
 def test_data_parallel_matches_single_device(pool, tmp_path: Path) -> None:

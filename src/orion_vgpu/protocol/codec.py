@@ -104,7 +104,8 @@ def encode_default(obj: Any) -> Any:
         return msgpack.ExtType(EXT_COMPLEX, _DD.pack(obj.real, obj.imag))
     if isinstance(obj, torch.Size):
         return list(obj)
-    raise CodecError(f"cannot send a {type(obj).__name__} to a vGPU")
+    raise CodecError(f"cannot send a {type(obj).__name__} to a vGPU: an op on vGPU tensors "
+                     "takes tensors, numbers and their lists")
 
 
 def _no_generators(gid: int) -> Any:

@@ -17,3 +17,11 @@ try:
 except IndexError as exc:
     print("RESULT index", "out of range" in str(exc))
 print("RESULT after", (a * 2).sum().item())  # the session goes on
+# An op whose arguments cannot be sent (a storage) fails at its line, and only there: the
+# session had been told the op's name, which it refuses, and the next op used to get that.
+try:
+    torch.empty(0, device="cuda").set_(a.untyped_storage(), 2, (2, 3), (3, 1))
+    print("RESULT no-storage-error")
+except (RuntimeError, ValueError) as exc:
+    print("RESULT storage", type(exc).__name__, str(exc).split(":")[0])
+print("RESULT next", (torch.arange(3.0, device="cuda") * 2).tolist())
