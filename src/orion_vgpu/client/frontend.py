@@ -1280,6 +1280,24 @@ def _meta_factory(op: Any) -> Callable[..., Any]:
     return kernel
 
 
+# Factories whose values PyTorch's C++ also makes with a tensor's options (affine_grid's
+# backward: at::linspace(-1, 1, n, grid.options())); a meta tensor without an index gets
+# its metadata from PyTorch's reference implementation, which never computes values.
+_META_VALUE_FACTORIES = {"arange": "arange", "arange.start": "arange",
+                         "arange.start_step": "arange", "linspace": "linspace",
+                         "logspace": "logspace", "eye": "eye", "eye.m": "eye"}
+
+
+def _meta_value_factory(op: Any, ref: str) -> Callable[..., Any]:
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        device = kwargs.get("device")
+        if device is not None and device.index is not None:
+            return dispatch(op, args, kwargs, device.index)
+        from torch import _refs  # imported on first use: ~import cost off the start-up path
+        return getattr(_refs, ref)(*args, **kwargs)
+    return kernel
+
+
 def _fill_dtype(value: Any) -> torch.dtype:
     if isinstance(value, bool):
         return torch.bool
@@ -1319,6 +1337,10 @@ def install_meta_factories() -> None:
             packet, _, overload = name.partition(".")
             op = getattr(getattr(torch.ops.aten, packet), overload or "default")
             lib.impl(name, _meta_factory(op), "Meta")
+        for name, ref in _META_VALUE_FACTORIES.items():
+            packet, _, overload = name.partition(".")
+            op = getattr(getattr(torch.ops.aten, packet), overload or "default")
+            lib.impl(name, _meta_value_factory(op, ref), "Meta")
     _meta_lib = lib
 
 
