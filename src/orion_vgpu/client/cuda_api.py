@@ -16,6 +16,7 @@ from types import FunctionType
 from typing import Any
 
 import torch
+from torch.nn.parameter import UninitializedTensorMixin
 from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
 from torch.utils._device import DeviceContext
 
@@ -28,6 +29,7 @@ from orion_vgpu.client import (
     generators,
     graphs,
     hooks,
+    lazy_params,
     legacy_types,
     settings,
 )
@@ -181,6 +183,8 @@ def _tensor_to(func: Any, args: tuple, kwargs: dict) -> Any:
             return func(*args, **kwargs)
     if isinstance(self, RemoteTensor):
         return _remote_to(self, idx, dtype, memfmt, bool(kwargs.get("copy")))
+    if isinstance(self, UninitializedTensorMixin):  # a lazy module's: client.lazy_params
+        return func(*args, **kwargs)
     if _plain_upload(self, memfmt):
         # What _to_copy does at the end of the general path below (its nested to() calls and
         # dispatch mode cost 11 of a small upload's 27 us).
@@ -240,6 +244,8 @@ def _new_tensor(func: Any, args: tuple, kwargs: dict) -> Any:
 
 def _tensor_cuda(func: Any, args: tuple, kwargs: dict) -> Any:
     self = args[0]
+    if isinstance(self, UninitializedTensorMixin):  # a lazy module's: client.lazy_params
+        return func(*args, **kwargs)
     device = args[1] if len(args) > 1 else kwargs.get("device")
     idx = current_device() if device is None else _cuda_index(device)
     return _tensor_to(torch.Tensor.to, (self, torch.device("cuda", idx)), {})
@@ -864,6 +870,7 @@ def activate() -> None:
     _patch_compile()
     hooks.wrap_device_context(_create, _cuda_index)
     frontend.install_meta_factories()
+    lazy_params.install(_cuda_index)
     generators.install(_cuda_index, device_count())
     legacy_types.install()
     cuda_memory.install_nvtx()
