@@ -56,6 +56,16 @@ def test_compiled_model_matches_local_eager(pool, tmp_path: Path) -> None:
     assert "torch.compile graph of" in logs  # forward, backward and inference graphs
 
 
+def test_compiled_eval_batch_norm_with_autograd_matches_eager(pool, tmp_path: Path) -> None:
+    """The graph is traced with a GPU's batch norm (eval mode saves the running mean and
+    1/std); an emulated GPU's CPU kernel saved empty tensors, and the run failed."""
+    ctl, _ = pool
+    eager = [line for line in _lines(run_local("compile_bn.py", "eager")) if "RESULT" in line]
+    proc = run_script("compile_bn.py", client_env(ctl, tmp_path / "c"), "compile")
+    assert len(eager) == 9
+    assert [line for line in _lines(proc) if "RESULT" in line] == eager
+
+
 def test_compiled_graph_with_unknown_operator_is_refused(pool, tmp_path: Path) -> None:
     ctl, _ = pool
     local = _lines(run_local("compile_refused.py"))

@@ -146,7 +146,10 @@ class FxGraph:
                        "storage, which a vGPU graph does not allow (run it outside the "
                        "compiled region)")
         _check_static(info, args, kwargs)
-        return _Node(info.op, info, args, kwargs, refs)
+        fn = info.op
+        if self.device.type == "cpu":
+            fn = _AS_ON_GPU.get(fn, fn)
+        return _Node(fn, info, args, kwargs, refs)
 
     @staticmethod
     def _check_refs(value: Any, limit: int) -> None:
@@ -305,6 +308,31 @@ class FxGraph:
         from torch._inductor import compile as inductor_compile
         fn = inductor_compile(gm, examples)
         self.compiled = lambda inputs: fn(*inputs)
+
+
+# A graph is traced with the metadata a GPU's kernels give; an emulated GPU runs the CPU's,
+# which differ in one place that matters: batch norm in eval mode saves nothing on the CPU
+# (empty tensors) and the running mean and 1/std on a GPU, and the graph's other nodes and
+# outputs were built for the latter.
+def _bn_eval_as_on_gpu(input: torch.Tensor, weight: Any, bias: Any, running_mean: torch.Tensor,
+                       running_var: torch.Tensor, momentum: float, eps: float) -> tuple:
+    out = torch.ops.aten._native_batch_norm_legit_no_training.default(
+        input, weight, bias, running_mean, running_var, momentum, eps)[0]
+    return out, running_mean.clone(), torch.rsqrt(running_var + eps)
+
+
+def _bn_as_on_gpu(input: torch.Tensor, weight: Any, bias: Any, running_mean: Any,
+                  running_var: Any, training: bool, momentum: float, eps: float) -> tuple:
+    if training or running_mean is None or running_var is None:
+        return torch.ops.aten.native_batch_norm.default(
+            input, weight, bias, running_mean, running_var, training, momentum, eps)
+    return _bn_eval_as_on_gpu(input, weight, bias, running_mean, running_var, momentum, eps)
+
+
+_AS_ON_GPU: dict[Any, Callable[..., Any]] = {
+    torch.ops.aten._native_batch_norm_legit_no_training.default: _bn_eval_as_on_gpu,
+    torch.ops.aten.native_batch_norm.default: _bn_as_on_gpu,
+}
 
 
 def _check_static(info: OpInfo, args: list, kwargs: dict) -> None:
