@@ -31,7 +31,7 @@ def test_data_assignment_and_format_specs_match_local(pool, tmp_path: Path) -> N
     ctl, _ = pool
     local = _lines(run_local("data_assign.py"), "RESULT")
     remote_proc = run_script("data_assign.py", client_env(ctl, tmp_path / "c"))
-    assert len(local) == 18
+    assert len(local) == 20
     assert _lines(remote_proc, "RESULT") == local
     (memory,) = _lines(remote_proc, "MEMORY")
     assert memory.startswith("MEMORY True True "), memory

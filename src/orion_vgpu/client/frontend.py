@@ -272,7 +272,10 @@ def wrap(size: Any, stride: Any, offset: int, dtype: torch.dtype, dev: int,
     if dense:
         t = _make(RemoteTensor, size, dtype=dtype, device=META_DEV[dev])
     else:
-        t = _make(RemoteTensor, size, stride, offset, dtype=dtype, device=META_DEV[dev])
+        # A view's storage is its base's, as PyTorch reports it (untyped_storage().nbytes():
+        # shared-tensor checks such as safetensors' compare storages by pointer and size).
+        t = _make(RemoteTensor, size, stride, offset, dtype=dtype, device=META_DEV[dev],
+                  storage_size=_storage_size(storage, size, stride, offset, dtype))
     t._h = handle
     t._dev = dev
     # codec.handle_ext without ExtType's argument checks (a Python __new__): same value.
@@ -280,6 +283,13 @@ def wrap(size: Any, stride: Any, offset: int, dtype: torch.dtype, dev: int,
     t._key = (tuple(size), tuple(stride), offset, dtype) if key is None else key
     t._st = storage
     return t
+
+
+def _storage_size(storage: Storage | None, size: Any, stride: Any, offset: int,
+                  dtype: torch.dtype) -> int:
+    if storage is not None:
+        return storage.nbytes
+    return _nbytes(size, stride, offset, dtype)
 
 
 _pending_free: list[tuple[int, int]] = []
@@ -321,7 +331,8 @@ def _view(base: RemoteTensor, it: tuple, dev: int) -> RemoteTensor:
     own = base._own
     if own is None:
         own = base._own = _Owner(base)
-    t = _make(RemoteTensor, it[1], it[2], it[3], dtype=it[4], device=META_DEV[dev])
+    t = _make(RemoteTensor, it[1], it[2], it[3], dtype=it[4], device=META_DEV[dev],
+              storage_size=_storage_size(base._st, it[1], it[2], it[3], it[4]))
     t._h = own.h
     t._dev = dev
     key = t._key = it[7]
@@ -1356,5 +1367,8 @@ def _repr(t: RemoteTensor) -> str:
         suffix.append(f"grad_fn=<{type(t.grad_fn).__name__}>")
     elif t.requires_grad:
         suffix.append("requires_grad=True")
-    return text[:-1] + ", " + ", ".join(suffix) + ")"
+    text = text[:-1] + ", " + ", ".join(suffix) + ")"
+    if t.__dict__.get("_is_param"):  # nn.Parameter(vgpu_tensor) is this class, flagged
+        return "Parameter containing:\n" + text
+    return text
 

@@ -87,6 +87,14 @@ def formats() -> None:
         print(f"RESULT format-vector-spec TypeError {exc}".replace("RemoteTensor", "Tensor"))
 
 
+def storages_and_reprs() -> None:
+    x = torch.arange(24.0, device=DEV)
+    views = [x, x[:4], x.view(4, 6)[1], x[:1].expand(5), x.view(4, 6).t()[2:]]
+    print("RESULT view-storages", [v.untyped_storage().nbytes() for v in views])
+    p = nn.Parameter(torch.ones(2, device=DEV))
+    print("RESULT param-repr", repr(p).splitlines()[0], repr(p.data).startswith("tensor("))
+
+
 def no_leaks() -> None:
     if DEV != "cuda":
         return
@@ -106,4 +114,5 @@ def no_leaks() -> None:
 assignments()
 parameters()
 formats()
+storages_and_reprs()
 no_leaks()
