@@ -152,7 +152,9 @@ def test_errors_have_pytorch_types_and_session_continues(pool, tmp_path: Path) -
     out = _result(run_script("errors.py", client_env(ctl, tmp_path / "c")))
     assert out == ["RESULT shape True", "RESULT index True", "RESULT after 24.0",
                    "RESULT storage CodecError cannot send a UntypedStorage to a vGPU",
-                   "RESULT next [0.0, 2.0, 4.0]"], out
+                   "RESULT next [0.0, 2.0, 4.0]",
+                   "RESULT sparse tensors of layout torch.sparse_coo are not supported on a vGPU",
+                   "RESULT after-sparse [1.0, 2.0, 3.0]"], out
 
 
 def test_data_parallel_matches_single_device(pool, tmp_path: Path) -> None:

@@ -574,8 +574,10 @@ class Executor:
     def _check_storable(self, t: torch.Tensor) -> None:
         # Quantized dtypes are not in STORABLE_DTYPES, mkldnn and sparse not strided.
         if t.layout is not torch.strided or t.is_nested:
-            kind = "nested tensors" if t.is_nested else f"tensors of layout {t.layout}"
-            raise SessionError("RuntimeError", f"{kind} are not supported on a vGPU")
+            if t.is_nested:
+                raise SessionError("RuntimeError", "nested tensors are not supported on a vGPU")
+            raise SessionError("RuntimeError", f"tensors of layout {t.layout} are not supported "
+                               "on a vGPU; use dense ones (nn.Embedding: sparse=False)")
         if t.dtype not in STORABLE_DTYPES:
             raise SessionError("TypeError", f"dtype {t.dtype} is not supported on a vGPU")
         if t.is_cpu:  # the host, and an emulated GPU's own device

@@ -602,13 +602,13 @@ class _Describer:
             for i, t in enumerate(self.inputs):
                 if o is t:  # with its metadata: an in-place op may have changed it (t_)
                     return ["alias", i, list(o.shape), list(o.stride()), o.storage_offset()]
+            h = self.next
+            self.next += 1
+            self.ex.store(h, o)  # first: it refuses, with the reason, what a vGPU cannot hold
+            self.stored.append(h)
             st = o.untyped_storage()
             ptr = st.data_ptr()
             view_of = self.ptrs.index(ptr) if ptr and ptr in self.ptrs else -1
-            h = self.next
-            self.next += 1
-            self.ex.store(h, o)
-            self.stored.append(h)
             return ["new", list(o.shape), list(o.stride()), o.storage_offset(),
                     codec.DTYPE_EXT[o.dtype], view_of, st.nbytes() if view_of < 0 else 0, h]
         if o is None:

@@ -25,3 +25,12 @@ try:
 except (RuntimeError, ValueError) as exc:
     print("RESULT storage", type(exc).__name__, str(exc).split(":")[0])
 print("RESULT next", (torch.arange(3.0, device="cuda") * 2).tolist())
+# A sparse gradient (nn.Embedding(sparse=True)) cannot live on a vGPU: PyTorch's error
+# type with the reason, and the session goes on.
+emb = torch.nn.Embedding(4, 2, sparse=True).to("cuda")
+try:
+    emb(torch.tensor([1, 1, 3], device="cuda")).sum().backward()
+    print("RESULT no-sparse-error")
+except RuntimeError as exc:
+    print("RESULT sparse", str(exc).split(";")[0])
+print("RESULT after-sparse", (torch.arange(3.0, device="cuda") + 1).tolist())
