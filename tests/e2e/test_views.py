@@ -35,3 +35,13 @@ def test_data_assignment_and_format_specs_match_local(pool, tmp_path: Path) -> N
     assert _lines(remote_proc, "RESULT") == local
     (memory,) = _lines(remote_proc, "MEMORY")
     assert memory.startswith("MEMORY True True "), memory
+
+
+def test_conjugate_views_and_their_parts_match_local(pool, tmp_path: Path) -> None:
+    """A lazy conjugate view (conj(), .H) is flagged as one on the client too, so .imag and
+    .real of it take PyTorch's path for conjugates (they failed: "view_as_real doesn't work
+    on unresolved conjugated tensors")."""
+    ctl, _ = pool
+    local = _lines(run_local("conj_views.py"), "RESULT")
+    assert len(local) == 11
+    assert _lines(run_script("conj_views.py", client_env(ctl, tmp_path / "c")), "RESULT") == local

@@ -544,12 +544,13 @@ class _OutSpec:
                  restride: list | None = None) -> None:
         self.kind = kind      # "tensor", "tuple", "list", "none"
         # per item: ("new", size, stride, offset, dtype, view_of_input | -1, nbytes, key,
-        #            view ext tail | None)
+        #            view ext tail | None(, conj/neg flags))
         #           | ("alias", i) | ("none",) | ("list", [items]) | ("value", v)
         self.items = items
         self.fresh_bytes = fresh_bytes  # bytes of new storages the op allocates
         # The item of an op that makes one new tensor (most ops): built without _build.
-        one = self.one = items[0] if kind == "tensor" and items[0][0] == "new" else None
+        one = self.one = items[0] if kind == "tensor" and items[0][0] == "new" \
+            and len(items[0]) == 9 else None
         # ... and whether it is dense from offset 0 (wrap's shortcut).
         self.dense = one is not None and one[3] == 0 and tuple(one[2]) == \
             _contiguous_stride(one[1])
@@ -656,7 +657,11 @@ def _build_one(it: tuple, inputs: list, dev: int, outs: list[int], handles: Any)
         outs.append(h)
         view_of = it[5]
         st = inputs[view_of]._st if view_of >= 0 else Storage(it[6], dev)
-        return wrap(it[1], it[2], it[3], it[4], dev, h, st, it[7])
+        t = wrap(it[1], it[2], it[3], it[4], dev, h, st, it[7])
+        if len(it) > 9:  # the server's tensor is a lazy conjugate / negative view
+            torch._C._set_conj(t, bool(it[9] & m.VIEW_CONJ))
+            torch._C._set_neg(t, bool(it[9] & m.VIEW_NEG))
+        return t
     if tag == "alias":
         outs.append(0)
         return inputs[it[1]]
@@ -986,6 +991,8 @@ def _to_spec(it: list, inputs: list, nbytes: list[int]) -> tuple:
     if tag == "new":
         nbytes[0] += it[6]
         meta = (tuple(it[1]), tuple(it[2]), it[3], it[4])
+        if len(it) > 8 and it[8]:  # a conjugate or negative view: its flags go last
+            return ("new", *meta, it[5], it[6], meta, None, it[8])
         return ("new", *meta, it[5], it[6], meta, _view_tail(it, inputs))
     if tag == "alias":
         return ("alias", it[1])

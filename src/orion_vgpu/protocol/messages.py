@@ -30,6 +30,9 @@ CMD_COPY = 12    # [12, dst_handle, src_handle] server-side copy between this se
 # output description for yet; the server describes its outputs (new tensors get handles
 # first_handle, first_handle + 1, ...; aliases and views of inputs are named by input index).
 CMD_PROBE = 13
+# A probe's "new" item may end with flags: a lazy conjugate / negative view (conj(), .mH).
+VIEW_CONJ = 1
+VIEW_NEG = 2
 # Server-to-server copy between two vGPUs of one client (docs/data-plane.md, "Peer copies").
 # [14, handle, transfer_id (16 bytes), seq]: offer the tensor as it is at this point of the
 # stream to the one peer that proves it knows transfer_id.

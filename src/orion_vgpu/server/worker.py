@@ -609,8 +609,12 @@ class _Describer:
             st = o.untyped_storage()
             ptr = st.data_ptr()
             view_of = self.ptrs.index(ptr) if ptr and ptr in self.ptrs else -1
-            return ["new", list(o.shape), list(o.stride()), o.storage_offset(),
+            item = ["new", list(o.shape), list(o.stride()), o.storage_offset(),
                     codec.DTYPE_EXT[o.dtype], view_of, st.nbytes() if view_of < 0 else 0, h]
+            flags = (m.VIEW_CONJ if o.is_conj() else 0) | (m.VIEW_NEG if o.is_neg() else 0)
+            if flags:  # a lazy conjugate or negative view (conj(), .mH): its wrapper says so
+                item.append(flags)
+            return item
         if o is None:
             return ["none"]
         if isinstance(o, (list, tuple)):
