@@ -499,7 +499,6 @@ class Executor:
         # client's handle counter: never a tensor's handle).
         self.generators: dict[int, torch.Generator] = {}
         self.ops: dict[int, OpInfo] = {}
-        self.refused: dict[int, SessionError] = {}  # op ids named for ops not allowed here
         self.ledger = MemoryLedger(gmem_bytes)
         self.busy_s = 0.0
         self.n_ops = 0
@@ -636,25 +635,14 @@ class Executor:
     def define(self, op_id: int, name: str) -> None:
         if type(op_id) is not int:
             raise SessionError("ProtocolError", f"operator id {op_id!r} is not an integer")
-        if op_id not in self.ops and len(self.ops) + len(self.refused) >= MAX_OP_IDS:
+        if op_id not in self.ops and len(self.ops) >= MAX_OP_IDS:
             raise SessionError("RuntimeError", f"a session may define at most {MAX_OP_IDS} "
                                "operators")
-        try:
-            self.ops[op_id] = describe_op(resolve_op(name))
-        except SessionError as exc:
-            # Refused when used, not when named: a client may name an op and then fail to
-            # send it (its arguments did not encode), and the session must not fail later.
-            self.ops.pop(op_id, None)
-            self.refused[op_id] = exc
-        else:
-            self.refused.pop(op_id, None)
+        self.ops[op_id] = describe_op(resolve_op(name))
 
     def run(self, op_id: int, args: list, kwargs: dict, outs: list) -> Any:
         info = self.ops.get(op_id) if isinstance(op_id, int) else None
         if info is None:
-            refused = self.refused.get(op_id) if isinstance(op_id, int) else None
-            if refused is not None:
-                raise refused
             raise SessionError("RuntimeError", f"operator id {op_id!r} was never defined")
         if not isinstance(args, list) or not isinstance(kwargs, dict) or not isinstance(outs, list):
             raise SessionError("ProtocolError", "an op needs args (array), kwargs (map) and "

@@ -13,6 +13,9 @@ import time
 import torch
 
 PID = os.getpid()
+# As an interactive interpreter or a Jupyter kernel has it: a process started in the
+# background of a non-interactive shell (CI) inherits SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def interrupt_after(*delays: float) -> threading.Thread:
