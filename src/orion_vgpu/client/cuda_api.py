@@ -101,7 +101,9 @@ class VGPUMode(TorchFunctionMode):
             if idx is not None:
                 return _create(func, args, kwargs, idx)
         if "generator" in kwargs:
-            hooks.host_generator(kwargs["generator"], args)
+            hooks.host_generator(kwargs["generator"], args, kwargs.get("out"))
+        if kwargs.get("pin_memory"):  # no CUDA here to pin with: pageable memory
+            kwargs = {**kwargs, "pin_memory": False}
         if type(func) is FunctionType and _redispatch is not None:
             return self._inside(func, types, args, kwargs)
         return func(*args, **kwargs)
@@ -373,7 +375,8 @@ def _sdpa(func: Any, args: tuple, kwargs: dict) -> Any:
     opts.update(kwargs)
     mask, dropout_p = opts.get("attn_mask"), float(opts.get("dropout_p", 0.0))
     is_causal, scale = bool(opts.get("is_causal", False)), opts.get("scale")
-    choice = _sdp_choice(q, k, v, mask, dropout_p, is_causal, scale)
+    gqa = bool(opts.get("enable_gqa", False))  # grouped-query attention (Llama, Mistral)
+    choice = _sdp_choice(q, k, v, mask, dropout_p, is_causal, scale, gqa)
     aten = torch.ops.aten
     if mask is not None and mask.dtype == torch.bool:
         # As PyTorch's own attention does before any kernel: False means -inf, True 0 (the
@@ -388,13 +391,13 @@ def _sdpa(func: Any, args: tuple, kwargs: dict) -> Any:
         L, S = q.shape[-2], k.shape[-2]
         mask = q.new_full((L, S), float("-inf")).triu_(1)  # the math kernel's causal mask
     return aten._scaled_dot_product_attention_math(
-        q, k, v, mask, dropout_p, False, scale=scale)[0]
+        q, k, v, mask, dropout_p, False, scale=scale, enable_gqa=gqa)[0]
 
 
 def _sdp_choice(q: Any, k: Any, v: Any, mask: Any, dropout_p: float, is_causal: bool,
-                scale: Any) -> int:
+                scale: Any, gqa: bool = False) -> int:
     key = (q._key, k._key, v._key, None if mask is None else mask._key, dropout_p > 0,
-           is_causal, scale, get_runtime().conn(q._dev).welcome["device"].get("emulated"))
+           is_causal, scale, gqa, get_runtime().conn(q._dev).welcome["device"].get("emulated"))
     choice = _sdp_choices.get(key)
     if choice is None:
         # The choice depends only on metadata; an emulated GPU answers as its CPU would.
@@ -402,7 +405,7 @@ def _sdp_choice(q: Any, k: Any, v: Any, mask: Any, dropout_p: float, is_causal: 
             return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
                                                               device="cpu")
         choice = int(torch._fused_sdp_choice(host(q), host(k), host(v), host(mask), dropout_p,
-                                             is_causal, scale=scale))
+                                             is_causal, scale=scale, enable_gqa=gqa))
         _sdp_choices[key] = choice
     return choice
 
@@ -857,6 +860,9 @@ def activate() -> None:
             if hasattr(mod, name):
                 setattr(mod, name, fn)
     _patch_accelerator()
+    # Read as "CUDA is initialized" by PyTorch's own code: torch.utils.checkpoint saves and
+    # restores the CUDA generators' state only then (a recomputed dropout drew a new mask).
+    torch.cuda._initialized = True
     torch.__future__.set_swap_module_params_on_conversion(True)
     RemoteTensor.data_ptr = _remote_data_ptr  # type: ignore[method-assign]
     from orion_vgpu.client import checkpoint, parallel

@@ -83,12 +83,17 @@ def install(create: Factory, cuda_index: Callable[[Any], int | None],
                 args = (host_elements(args[0]), *args[1:])
             dev = kwargs.get("device")
             if dev is None or depth.n:
-                if "generator" in kwargs and not depth.n:
-                    host_generator(kwargs["generator"], args)
+                if not depth.n:
+                    if "generator" in kwargs:
+                        host_generator(kwargs["generator"], args, kwargs.get("out"))
+                    if kwargs.get("pin_memory"):  # no CUDA here to pin with: pageable memory
+                        kwargs["pin_memory"] = False
                 return orig(*args, **kwargs)
             idx = cuda_index(dev)
             if idx is None:
-                host_generator(kwargs.get("generator"), args)
+                host_generator(kwargs.get("generator"), args, kwargs.get("out"))
+                if kwargs.get("pin_memory"):
+                    kwargs["pin_memory"] = False
                 return orig(*args, **kwargs)
             return create(orig, args, kwargs, idx)
         return hook
@@ -140,12 +145,13 @@ def _to_host(data: Any) -> Any:
     return data
 
 
-def host_generator(gen: Any, args: tuple) -> None:
+def host_generator(gen: Any, args: tuple, out: Any = None) -> None:
     """A vGPU's generator given to a factory that makes a host tensor: PyTorch's error (the
     generator object's own C state is a placeholder, not the vGPU's). With a tensor argument
-    (``normal(mean, std)``, ``randn_like``) the tensor decides, and a vGPU op checks."""
+    (``normal(mean, std)``, ``randn_like``) or ``out=`` the tensor decides, and a vGPU op
+    checks."""
     from orion_vgpu.client.generators import is_vgpu
-    if (gen is not None and is_vgpu(gen)
+    if (gen is not None and is_vgpu(gen) and not isinstance(out, torch.Tensor)
             and not any(isinstance(a, torch.Tensor) for a in args)):
         raise RuntimeError("Expected a 'cpu' device type for generator but found 'cuda'")
 
