@@ -50,6 +50,7 @@ def test_oom_beyond_gmem_keeps_session_usable(pool, tmp_path: Path, enable_net: 
     assert out[0].startswith("RESULT oom OutOfMemoryError"), out
     assert out[1] == "RESULT after 2097152.0"
     assert out[2] == "RESULT caught-at-line True"
+    assert out[3] == "RESULT stats 2 True"  # memory_stats counts both OutOfMemoryErrors
 
 
 def test_dropped_tensors_are_freed_without_the_cycle_collector(pool, tmp_path: Path) -> None:

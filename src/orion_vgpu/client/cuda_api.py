@@ -607,6 +607,10 @@ def memory_stats(device: Any = None) -> dict[str, int]:
     return cuda_memory.memory_stats(_index(device))
 
 
+def memory_stats_as_nested_dict(device: Any = None) -> dict[str, Any]:
+    return cuda_memory.memory_stats_as_nested_dict(_index(device))
+
+
 def set_per_process_memory_fraction(fraction: float, device: Any = None) -> None:
     cuda_memory.set_per_process_memory_fraction(fraction, _index(device))
 
@@ -813,6 +817,7 @@ _CUDA_FUNCS = {
     "memory_allocated": memory_allocated, "max_memory_allocated": max_memory_allocated,
     "memory_reserved": memory_reserved, "max_memory_reserved": max_memory_reserved,
     "mem_get_info": mem_get_info, "memory_stats": memory_stats, "empty_cache": empty_cache,
+    "memory_stats_as_nested_dict": memory_stats_as_nested_dict,
     "reset_peak_memory_stats": reset_peak_memory_stats, "manual_seed": manual_seed,
     "manual_seed_all": manual_seed_all, "get_rng_state": get_rng_state,
     "set_rng_state": set_rng_state, "get_rng_state_all": get_rng_state_all,

@@ -5,7 +5,7 @@ they keep their depth and do nothing else). A CPU build of PyTorch raises on all
 
 Byte figures come from what the program holds (client/frontend.py ``used_bytes``); the
 allocator's counts and cumulative totals, which a caching allocator on a GPU keeps, are not
-tracked and read 0.
+tracked and read 0; ``num_ooms`` counts the program's OutOfMemoryErrors.
 """
 
 from __future__ import annotations
@@ -31,13 +31,28 @@ def memory_stats(idx: int) -> dict[str, int]:
         for pool in ("all", "large_pool"):  # a vGPU tensor is one block of the server's
             stats[f"{metric}.{pool}.current"] = cur
             stats[f"{metric}.{pool}.peak"] = peak
-    for name in ("num_alloc_retries", "num_ooms", "num_sync_all_streams", "num_device_alloc",
+    for name in ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc",
                  "num_device_free", "max_split_size"):
         stats[name] = 0
+    conns = get_runtime().conns
+    stats["num_ooms"] = frontend.ooms.get(idx, 0) + (conns[idx].ooms if idx < len(conns) else 0)
     for name in ("oversize_allocations", "oversize_segments"):
         for kind in ("current", "peak", "allocated", "freed"):
             stats[f"{name}.{kind}"] = 0
     return stats
+
+
+def memory_stats_as_nested_dict(idx: int) -> dict[str, Any]:
+    """What PyTorch's memory_stats flattens ("allocated_bytes.all.current" is
+    ``["allocated_bytes"]["all"]["current"]``)."""
+    nested: dict[str, Any] = {}
+    for key, value in memory_stats(idx).items():
+        *path, last = key.split(".")
+        node = nested
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return nested
 
 
 def set_per_process_memory_fraction(fraction: float, idx: int) -> None:

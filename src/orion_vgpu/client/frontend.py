@@ -214,6 +214,7 @@ _make = torch.Tensor._make_wrapper_subclass
 # and an OutOfMemoryError at the offending line (the server's ledger stays authoritative).
 used_bytes: dict[int, int] = {}
 peak_bytes: dict[int, int] = {}
+ooms: dict[int, int] = {}  # OutOfMemoryErrors raised at the line that asked (memory_stats)
 
 
 class Storage:
@@ -249,6 +250,7 @@ def check_quota(dev: int, nbytes: int, used: int | None = None) -> None:
     if used is None:
         used = used_bytes.get(dev, 0)
     if limit and used + nbytes > limit:
+        ooms[dev] = ooms.get(dev, 0) + 1
         mib = 1 << 20
         why = ("the program's torch.cuda.set_per_process_memory_fraction" if dev in _fractions
                else "ORION_GMEM quota")

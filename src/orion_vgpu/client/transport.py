@@ -163,6 +163,7 @@ class Connection:
         self.defined: set[int] = set()
         self.closed = False
         self.broken: str | None = None  # why the byte stream can no longer be trusted
+        self.ooms = 0  # OutOfMemoryErrors the server reported (torch.cuda.memory_stats)
         self._def_at: tuple[int | None, int] = (None, 0)  # the last CMD_DEF: op, offset in buf
         self._def_end = 0
         self.guard = _Guard(self)
@@ -395,6 +396,7 @@ class Connection:
             if self._payload_left:
                 frames.discard(self.sock, self._payload_left)
             self.closed = self.closed or reply[1] == m.ERR_SESSION_ENDED
+            self.ooms += reply[1] == "OutOfMemoryError"
             raise_remote(reply[1], reply[2])
         return reply
 

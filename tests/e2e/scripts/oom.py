@@ -16,3 +16,6 @@ try:
     print("RESULT late")
 except torch.cuda.OutOfMemoryError:
     print("RESULT caught-at-line", torch.cuda.memory_allocated() == before)
+stats, nested = torch.cuda.memory_stats(), torch.cuda.memory_stats_as_nested_dict()
+print("RESULT stats", stats["num_ooms"],
+      nested["allocated_bytes"]["all"]["current"] == torch.cuda.memory_allocated())
