@@ -32,6 +32,7 @@ from orion_vgpu.client import (
     lazy_params,
     legacy_types,
     settings,
+    torch_tools,
 )
 from orion_vgpu.client.frontend import FactoryMode, RemoteTensor
 from orion_vgpu.client.runtime import get_runtime
@@ -882,6 +883,7 @@ def activate() -> None:
     hooks.wrap_device_context(_create, _cuda_index)
     frontend.install_meta_factories()
     lazy_params.install(_cuda_index)
+    torch_tools.install()
     generators.install(_cuda_index, device_count())
     legacy_types.install()
     cuda_memory.install_nvtx()
