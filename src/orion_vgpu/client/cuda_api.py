@@ -36,6 +36,7 @@ from orion_vgpu.client import (
 )
 from orion_vgpu.client.frontend import FactoryMode, RemoteTensor
 from orion_vgpu.client.runtime import get_runtime
+from orion_vgpu.protocol import messages
 
 _active = False
 _mode: VGPUMode | None = None  # the process-wide mode, once there is one (use_process_mode)
@@ -685,7 +686,11 @@ def get_rng_state(device: Any = "cuda") -> torch.Tensor:
 
 def set_rng_state(state: torch.Tensor, device: Any = "cuda") -> None:
     idx = _cuda_index(device) or 0
-    get_runtime().conn(idx).set_rng_state(state)
+    conn = get_runtime().conn(idx)
+    conn.set_rng_state(state)
+    # A state the vGPU's generator cannot take (one saved on another kind of device) is
+    # refused here, at the call, not by whatever op comes next.
+    conn.request([messages.CMD_SYNC])
 
 
 def get_rng_state_all() -> list[torch.Tensor]:
@@ -866,6 +871,7 @@ def activate() -> None:
             if hasattr(mod, name):
                 setattr(mod, name, fn)
     _patch_accelerator()
+    _patch_parse_to()
     # Read as "CUDA is initialized" by PyTorch's own code: torch.utils.checkpoint saves and
     # restores the CUDA generators' state only then (a recomputed dropout drew a new mask).
     torch.cuda._initialized = True
@@ -945,6 +951,25 @@ def _forget_wrapped_in_dynamo() -> None:
     clear = getattr(rules, "clear_lru_cache", None)
     if clear is not None:
         clear()
+
+
+def _patch_parse_to() -> None:
+    """``x.to(1)``, ``module.to(local_rank)``: an int device is a CUDA index, which a CPU
+    build's argument parser refuses ("Cannot access accelerator device"). Tensor.to (here)
+    and Module.to both parse through this function."""
+    original = torch._C._nn._parse_to
+    if getattr(original, "_orion_vgpu", False):
+        return
+
+    def _parse_to(*args: Any, **kwargs: Any) -> Any:
+        if args and type(args[0]) is int:
+            args = (torch.device("cuda", args[0]), *args[1:])
+        if type(kwargs.get("device")) is int:
+            kwargs["device"] = torch.device("cuda", kwargs["device"])
+        return original(*args, **kwargs)
+
+    _parse_to._orion_vgpu = True  # type: ignore[attr-defined]
+    torch._C._nn._parse_to = _parse_to
 
 
 def _patch_compile() -> None:
