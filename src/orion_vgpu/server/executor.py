@@ -48,8 +48,8 @@ MAX_NUMEL = 1 << 40
 MAX_TENSORS = 1 << 20
 MAX_GENERATORS = 4096  # torch.Generator objects a session may hold at once
 MAX_OP_IDS = 1 << 16
-# An emulated GPU runs an op on all cores only when its largest tensor argument has this
-# many elements (matrix products and convolutions: MATMUL_PARALLEL_MIN); a smaller op runs
+# An emulated GPU runs an op on all cores only when its largest tensor argument (or a
+# tensor list's total, for a for-each op) has this many elements (matrix products and convolutions: MATMUL_PARALLEL_MIN); a smaller op runs
 # on one thread. Waking the pool's passive threads costs ~10 us a parallel region, more
 # than such an op takes on one core (sqrt of 4,096 floats: 1.7 us on one thread, 17.8 us
 # on two), and on a shared host the region also waits for a core another process holds.
@@ -507,6 +507,8 @@ class Executor:
         self._batch: tuple[Any, float, int] | None = None  # (throttle, busy_s, n_ops) at its start
         # Bumped by every op that may change a tensor's sizes, strides or storage in place.
         self.meta_epoch = 0
+        # Bumped whenever a handle is bound to another tensor or freed (graph replays).
+        self.tensors_version = 0
         # Handles named but not held since the last op ran: only then does ``run`` scan
         # its arguments for them (the decoder sees every handle as the command arrives).
         self.missing = 0
@@ -569,6 +571,7 @@ class Executor:
         if old is not None:
             self.ledger.remove(old)
         self.tensors[handle] = t
+        self.tensors_version += 1
 
     def _check_storable(self, t: torch.Tensor) -> None:
         # Quantized dtypes are not in STORABLE_DTYPES, mkldnn and sparse not strided.
@@ -592,6 +595,7 @@ class Executor:
             t = self.tensors.pop(h, None) if isinstance(h, int) else None
             if t is not None:
                 self.ledger.remove(t)
+                self.tensors_version += 1
             elif self.generators:
                 self.generators.pop(h, None)
 
@@ -721,8 +725,10 @@ class Executor:
             if isinstance(a, torch.Tensor):
                 if a.numel() >= limit:
                     return True
-            elif type(a) is list and any(isinstance(t, torch.Tensor) and t.numel() >= limit
-                                         for t in a):
+            elif type(a) is list and sum(t.numel() for t in a
+                                         if isinstance(t, torch.Tensor)) >= limit:
+                # A for-each op (an optimizer's step) runs its tensors one after another,
+                # each large one on all threads: what counts is the list's total.
                 return True
         return False
 
