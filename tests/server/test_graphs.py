@@ -18,7 +18,7 @@ from orion_vgpu.protocol import codec
 from orion_vgpu.protocol import messages as m
 from orion_vgpu.server.executor import Executor, SessionError
 from orion_vgpu.server.graphs import GraphStore
-from orion_vgpu.server.replay import Plan
+from orion_vgpu.server.replay import IN_PLACE, INTO_LAST, SKIP, SLOW, Plan
 
 CPU = torch.device("cpu")
 F32 = torch.float32
@@ -371,6 +371,72 @@ def test_a_view_follows_its_input_transposed_in_place_between_replays(
     _replay(store)
     assert torch.equal(ex.tensors[10], ex.tensors[1].t())  # a stale view would be w1 itself
     assert torch.equal(ex.tensors[11], x @ w1.t())
+
+
+def test_replays_after_the_first_keep_their_bindings_and_skip_their_views(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ex, store = _plan_session(True, monkeypatch)
+    _replay(store)
+    _replay(store)
+    plan = store.graphs[1].plan
+    assert isinstance(plan, Plan)
+    assert [st.fast for st in plan.steps] == [SKIP, INTO_LAST, INTO_LAST, SKIP, INTO_LAST,
+                                              INTO_LAST, IN_PLACE, IN_PLACE]
+    ex.tensors[3].copy_(torch.full((2, 4), 0.25))  # values written in place are read
+    x, w1, w2 = ex.tensors[3].clone(), ex.tensors[1].clone(), ex.tensors[2].clone()
+    version, out = ex.tensors_version, ex.tensors[11]
+    _replay(store)
+    assert ex.tensors_version == version and ex.tensors[11] is out  # nothing bound anew
+    expect = torch.relu(x @ w1.t())
+    assert torch.equal(ex.tensors[11], x @ w1.t())
+    assert torch.equal(ex.tensors[13], expect.view(8))
+    assert torch.equal(ex.tensors[14], expect.sum())
+    assert torch.equal(ex.tensors[16], w2.sqrt())
+    assert torch.equal(ex.tensors[1], w1 + 0.5) and torch.equal(ex.tensors[3], x * 2)
+
+
+def test_a_step_that_binds_anew_in_a_fast_replay_ends_its_fast_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ex, store = _plan_session(True, monkeypatch)
+    _replay(store)
+    _replay(store)
+    mm = store.graphs[1].plan.steps[1]  # type: ignore[union-attr]
+    assert mm.fast is INTO_LAST
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("not into these outputs")
+
+    mm.out_call = refuse  # as when an out= overload refuses: the eager way, a new tensor
+    old = ex.tensors[11]
+    x, w1 = ex.tensors[3].clone(), ex.tensors[1].clone()
+    _replay(store)
+    assert ex.tensors[11] is not old
+    expect = torch.relu(x @ w1.t())
+    assert torch.equal(ex.tensors[12], expect)  # relu read the new tensor, not the old one
+    assert torch.equal(ex.tensors[14], expect.sum())
+    assert ex.ledger.used == ex.ledger.recount()
+
+
+def test_a_tensor_made_anew_at_each_replay_is_read_anew(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORION_GRAPH_PLAN", "1")
+    ex = Executor(CPU, 1 << 30)
+    ex.define(1, "aten::randn_like")
+    ex.define(2, "aten::mul.Tensor")
+    ex.define(3, "aten::add.Tensor")
+    ex.store(1, torch.ones(4))
+    stream = b"".join(msgpack.packb(c, default=codec.encode_default) for c in (
+        [m.CMD_OP, 1, [H(1)], {}, [10]],           # 10 = randn_like(x): a new tensor each time
+        [m.CMD_OP, 2, [H(10), H(1)], {}, [11]],    # 11 = 10 * x
+        [m.CMD_OP, 3, [H(11), H(1)], {}, [12]],    # 12 = 11 + x
+    ))
+    store = _store(ex)
+    store.define([m.CMD_GRAPH_DEF, 1, "stream", stream])
+    for _ in range(4):
+        _replay(store)
+        assert torch.equal(ex.tensors[11], ex.tensors[10])
+        assert torch.equal(ex.tensors[12], ex.tensors[10] + 1)
+    assert [st.fast for st in store.graphs[1].plan.steps] == [SLOW, SLOW, INTO_LAST]  # type: ignore[union-attr]
 
 
 def test_a_failing_step_is_reported_and_the_replay_goes_on(
