@@ -9,6 +9,7 @@ device (``device="cuda"``, ``.to("cuda")``...) so that they create them in the p
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import threading
@@ -575,6 +576,8 @@ def get_device_capability(device: Any = None) -> tuple[int, int]:
 
 def synchronize(device: Any = None) -> None:
     idx = None if device is None else _cuda_index(device)
+    if idx is not None:
+        _check_index(idx)
     get_runtime().synchronize(idx)
 
 
@@ -584,8 +587,15 @@ def _stats(device: Any = None) -> dict:
 
 
 def _index(device: Any) -> int:
-    idx = current_device() if device is None else _cuda_index(device)
-    return idx or 0
+    """The vGPU a memory or monitoring call names: the current one for None; an ordinal
+    the program does not have is CUDA's invalid device ordinal error, not vGPU 0's figures."""
+    if device is None:
+        return current_device()
+    idx = _cuda_index(device)
+    if idx is None:
+        raise ValueError(f"Expected a cuda device, but got: {device}")
+    _check_index(idx)
+    return idx
 
 
 def memory_allocated(device: Any = None) -> int:
@@ -635,8 +645,12 @@ def list_gpu_processes(device: Any = None) -> str:
 
 def can_device_access_peer(device: Any, peer_device: Any) -> bool:
     """vGPUs of a program copy to each other (server to server where they can)."""
-    n = device_count()
-    return 0 <= _index(device) < n and 0 <= _index(peer_device) < n
+    for d in (device, peer_device):
+        idx = _cuda_index(d)
+        if idx is None or not 0 <= idx < device_count():
+            raise AssertionError(f"Invalid device id: {d!r} (this program has "
+                                 f"{device_count()} vGPU)")
+    return True
 
 
 class _SyncDebug:
@@ -652,7 +666,13 @@ def get_sync_debug_mode() -> int:
 
 
 def set_stream(s: Any) -> None:
-    """A vGPU session runs its work in order on one stream: nothing to switch."""
+    """Make ``s`` its device's current stream and its device the current one, as CUDA's
+    set_stream does. A vGPU session runs its work in order whatever the stream: streams
+    here are what a program sees of them (identity, device), not concurrency."""
+    if s is None:
+        return
+    _exchange_device(int(s.device_index))
+    _current_streams[s.device_index] = s
 
 
 def server_memory_stats(device: Any = None) -> dict[str, int]:
@@ -703,17 +723,25 @@ def set_rng_state_all(states: list[torch.Tensor]) -> None:
 
 
 class Stream:
-    """Streams order work on a real GPU; a vGPU session is already in order."""
+    """Streams order work on a real GPU; a vGPU session is already in order. Each stream
+    is its own (equal only to itself, as CUDA streams are), on the device it was made for."""
+
+    _ids = itertools.count(1)
 
     def __init__(self, device: Any = None, priority: int = 0, **kwargs: Any) -> None:
-        self.device = torch.device("cuda", current_device() if device is None
-                                   else _cuda_index(device) or 0)
+        idx = current_device() if device is None else _cuda_index(device)
+        if idx is None:
+            raise ValueError(f"Expected a cuda device, but got: {device}")
+        _check_index(idx)
+        self.device = torch.device("cuda", idx)
         self.priority = priority
         # What code that hands a stream to torch.cuda or to a library reads of it.
-        self.device_index = self.device.index
+        self.device_index = idx
         self.device_type = 1  # c10::DeviceType::CUDA
-        self.stream_id = 0
-        self.cuda_stream = 0
+        # The default stream (current_stream before any set_stream) is 0, as CUDA's.
+        self.stream_id = 0 if kwargs.get("_default") else next(Stream._ids)
+        self.cuda_stream = self.stream_id
+        self._prev: list[tuple[int, Stream]] = []
 
     def synchronize(self) -> None:
         synchronize(self.device)
@@ -736,26 +764,42 @@ class Stream:
         return graphs.is_current_stream_capturing()
 
     def __enter__(self) -> Stream:
+        self._prev.append((current_device(), current_stream(self.device_index)))
+        set_stream(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        device, prev = self._prev.pop()
+        _current_streams[self.device_index] = prev
+        _exchange_device(device)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Stream) and other.device == self.device
+        return isinstance(other, Stream) and (other.device, other.stream_id) == (
+            self.device, self.stream_id)
 
     def __hash__(self) -> int:
-        return hash(self.device)
+        return hash((self.device, self.stream_id))
+
+    def __repr__(self) -> str:
+        return f"<torch.cuda.Stream device={self.device} cuda_stream={self.cuda_stream:#x}>"
 
 
 class Event:
     def __init__(self, enable_timing: bool = False, blocking: bool = False,
                  interprocess: bool = False) -> None:
         self._t: float | None = None
+        self._device: torch.device | None = None
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the stream it was recorded on; None before its first record."""
+        return self._device
 
     def record(self, stream: Any = None) -> None:
         import time
-        synchronize()
+        stream = stream if stream is not None else current_stream()
+        synchronize(stream.device)
+        self._device = stream.device
         self._t = time.perf_counter()
 
     def synchronize(self) -> None:
@@ -773,20 +817,31 @@ class Event:
         return (end._t - self._t) * 1000.0
 
 
-_streams: dict[int, Stream] = {}
+_default_streams: dict[int, Stream] = {}
+_current_streams: dict[int, Stream] = {}  # set_stream's, per vGPU
+
+
+def default_stream(device: Any = None) -> Stream:
+    idx = _index(device)
+    s = _default_streams.get(idx)
+    if s is None:
+        s = _default_streams[idx] = Stream(idx, _default=True)
+    return s
 
 
 def current_stream(device: Any = None) -> Stream:
-    idx = current_device() if device is None else (_cuda_index(device) or 0)
-    return _streams.setdefault(idx, Stream(idx))
-
-
-default_stream = current_stream
+    idx = _index(device)
+    return _current_streams.get(idx) or default_stream(idx)
 
 
 @contextlib.contextmanager
 def stream(s: Any) -> Any:
-    yield s
+    """CUDA's StreamContext: ``s`` current, and its device, until the block ends."""
+    if s is None:
+        yield s
+        return
+    with s:
+        yield s
 
 
 def is_bf16_supported(including_emulation: bool = True) -> bool:
