@@ -143,6 +143,24 @@ def test_collectives_values(two_gpus, tmp_path: Path) -> None:
     assert r0["gather"] == base and "gather" not in r1
 
 
+def test_gloo_on_vgpu_tensors_runs_on_host_copies(two_gpus, tmp_path: Path) -> None:
+    """Backend "gloo" is not Orion's: its collectives on vGPU tensors used to fail with
+    "cannot send a ScriptObject to a vGPU"; they run on host copies, as gloo does with
+    CUDA tensors, and DDP over gloo trains as one device with the whole batch."""
+    ctl, _ = two_gpus
+    r0, r1 = results(torchrun("gloo_vgpu.py", ddp_env(ctl, tmp_path / "c")))
+    for rank, r in enumerate((r0, r1)):
+        assert r["rank"] == rank and r["backend"] == "gloo"
+        assert r["sum"] == [1.0, 3.0, 5.0, 7.0]
+        assert r["bcast"] == [6.0, 6.0, 6.0]
+        assert r["gather"] == [[0.0, 0.0], [1.0, 10.0]]
+        assert r["devices"] == ["cuda:0"] and r["async_done"] is True
+        assert len(r["ddp"]) == 7
+        worst = max(abs(a - b) for a, b in zip(r["ddp"], r["reference"], strict=True))
+        assert worst < 1e-4, (r["ddp"], r["reference"])
+    assert r0["ddp"] == r1["ddp"]
+
+
 def test_ddp_two_servers_matches_one_device(tmp_path: Path) -> None:
     ctl = ControllerProc(tmp_path / "controller", {"lease_s": 10}).start()
     a = ServerProc(ctl, tmp_path / "a", name="node-a", emulated_gpus="1x8GiB", vgpu_count=1)

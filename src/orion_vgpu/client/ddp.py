@@ -5,12 +5,12 @@ PyTorch's DDP hands gradients to a C++ Reducer that allocates its buckets with
 ``DistributedDataParallel(module, ...)`` of a module whose parameters are on a vGPU, by
 whatever name the program imported the class, makes this subclass of it (``install``
 gives PyTorch's class a ``__new__`` that picks it; ``isinstance`` checks still pass),
-which needs an Orion process group (backend "nccl") and does the Reducer's work in
-Python: it checks that every rank wraps the same parameters, broadcasts parameters and
+which does the Reducer's work in Python: it checks that every rank wraps the same parameters, broadcasts parameters and
 buffers from rank 0 at construction, broadcasts buffers before each forward that follows
 a synced one (``broadcast_buffers``), and after each synced backward sends one coalesced
 allreduce (AVG) of all gradients, which the workers run between themselves in buckets of
-``bucket_cap_mb``. ``no_sync()``
+``bucket_cap_mb``; with a group of another backend (gloo) the gradients are summed
+through this host, one flat buffer per dtype (client/host_collectives.py). ``no_sync()``
 accumulates locally; ``find_unused_parameters`` agrees on globally unused parameters
 (one small round trip per backward, as PyTorch's own does) and leaves their ``.grad``
 untouched. Any other module (CPU parameters) gets PyTorch's own DDP.
@@ -69,11 +69,9 @@ class DistributedDataParallel(_RealDDP):
         Joinable.__init__(self)
         _refuse(opts)
         pg = opts.get("process_group") or c10d._get_default_group()
-        if not isinstance(pg, OrionProcessGroup):
-            raise OrionError("DistributedDataParallel of a module on a vGPU needs a process "
-                             "group of backend 'nccl' (its collectives run on the Orion servers); "
-                             f"this one is {dist.get_backend(pg)!r}")
         self.process_group = pg
+        # Another backend (gloo) runs its collectives on host copies (host_collectives.py).
+        self._on_servers = isinstance(pg, OrionProcessGroup)
         self.module = module
         self._setup(opts)
         if opts.get("init_sync", True):
@@ -144,10 +142,15 @@ class DistributedDataParallel(_RealDDP):
                                "names, shapes or dtypes of their parameters differ)")
 
     def _broadcast(self, tensors: list[torch.Tensor]) -> None:
-        if tensors:
-            opts = dist.BroadcastOptions()
-            opts.rootRank = 0
+        if not tensors:
+            return
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        if self._on_servers:
             self.process_group.broadcast(tensors, opts)
+            return
+        for t in tensors:  # gloo broadcasts one tensor a call
+            self.process_group.broadcast([t], opts).wait()
 
     def _register_hooks(self) -> None:
         ref = weakref.ref(self)
@@ -193,10 +196,29 @@ class DistributedDataParallel(_RealDDP):
                 if p.grad is None:  # unused here, used elsewhere: this rank adds zeros
                     p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
-        if grads:
+        if grads and self._on_servers:
             opts = dist.AllreduceOptions()
             opts.reduceOp = dist.ReduceOp.AVG
             self.process_group.allreduce(grads, opts, bucket_bytes=self.bucket_bytes_cap)
+        elif grads:
+            self._average_through_host(grads)
+
+    def _average_through_host(self, grads: list[torch.Tensor]) -> None:
+        """Another backend's average (gloo has no AVG): one flat sum per dtype, through
+        this host once each way, divided by the group's size on the vGPU."""
+        world = self.process_group.size()
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        with torch.no_grad():
+            for same in by_dtype.values():
+                flat = torch.cat([g.reshape(-1) for g in same])
+                dist.all_reduce(flat, group=self.process_group)
+                flat.div_(world)
+                offset = 0
+                for g in same:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
 
     def _globally_used(self, used: list[bool]) -> list[bool]:
         """Parameters used on any rank (one small allreduce and fetch, as PyTorch's own)."""

@@ -699,6 +699,8 @@ class _Op:
         self.dynamic = _DYNAMIC in getattr(func, "tags", ())
         if self.special is None and _writes_metadata(func):
             self.special = _reshaping
+        if self.special is None and getattr(func, "namespace", "") == "c10d":
+            self.special = _host_collective
 
 
 # In-place ops that may give a tensor they write other sizes, strides or storage.
@@ -716,6 +718,12 @@ def _writes_metadata(func: Any) -> bool:
         return False
     # out= overloads resize an output of the wrong shape
     return schema.name.partition("::")[2] in _META_WRITERS or any(a.kwarg_only for a in written)
+
+
+def _host_collective(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    """A collective of a process group Orion does not serve (client/host_collectives.py)."""
+    from orion_vgpu.client import host_collectives
+    return host_collectives.run(func, args, kwargs)
 
 
 def _reshaping(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
