@@ -140,6 +140,12 @@ def run_script(script: str | Path, env: dict[str, str], *args: str,
                           text=True, timeout=timeout)
 
 
+def result_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """The RESULT lines of a script run that must have succeeded (its output if not)."""
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+
+
 def run_local(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """The same script on this machine's own device (no ORION_VGPU)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from e2e.cluster import client_env, run_script
+from e2e.cluster import client_env, result_lines, run_script
 
 
 def test_load_map_locations_modules_and_int_devices(pool, tmp_path: Path) -> None:
     ctl, _ = pool
     env = client_env(ctl, tmp_path / "c", ORION_VGPU="2", ORION_GMEM="1024")
-    proc = run_script("load_devices.py", env)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    results = result_lines(run_script("load_devices.py", env))
     values = "[0.0, 1.0, 2.0, 3.0]"
     assert results == [
         f"RESULT load none cuda:1 {values}",

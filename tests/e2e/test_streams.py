@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from e2e.cluster import client_env, run_script
+from e2e.cluster import client_env, result_lines, run_script
 
 
 def test_streams_events_and_ordinals(pool, tmp_path: Path) -> None:
     ctl, _ = pool
     env = client_env(ctl, tmp_path / "c", ORION_VGPU="2", ORION_GMEM="1024")
-    proc = run_script("streams.py", env)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    results = result_lines(run_script("streams.py", env))
     assert results == [
         "RESULT ordinals RuntimeError:True RuntimeError:True RuntimeError:True "
         "ValueError:True RuntimeError:True AssertionError:True",

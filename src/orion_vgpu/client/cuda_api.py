@@ -532,11 +532,7 @@ def _exchange_device(idx: int) -> int:
 
 
 def _props(device: Any = None) -> dict:
-    idx = current_device() if device is None else _cuda_index(device)
-    if idx is None:
-        raise ValueError(f"Expected a cuda device, but got: {device}")
-    _check_index(idx)
-    return get_runtime().conn(idx).welcome["device"]
+    return get_runtime().conn(_index(device)).welcome["device"]
 
 
 class VGPUProperties:
@@ -729,10 +725,7 @@ class Stream:
     _ids = itertools.count(1)
 
     def __init__(self, device: Any = None, priority: int = 0, **kwargs: Any) -> None:
-        idx = current_device() if device is None else _cuda_index(device)
-        if idx is None:
-            raise ValueError(f"Expected a cuda device, but got: {device}")
-        _check_index(idx)
+        idx = _index(device)
         self.device = torch.device("cuda", idx)
         self.priority = priority
         # What code that hands a stream to torch.cuda or to a library reads of it.

@@ -49,10 +49,11 @@ MAX_TENSORS = 1 << 20
 MAX_GENERATORS = 4096  # torch.Generator objects a session may hold at once
 MAX_OP_IDS = 1 << 16
 # An emulated GPU runs an op on all cores only when its largest tensor argument (or a
-# tensor list's total, for a for-each op) has this many elements (matrix products and convolutions: MATMUL_PARALLEL_MIN); a smaller op runs
-# on one thread. Waking the pool's passive threads costs ~10 us a parallel region, more
-# than such an op takes on one core (sqrt of 4,096 floats: 1.7 us on one thread, 17.8 us
-# on two), and on a shared host the region also waits for a core another process holds.
+# tensor list's total, for a for-each op) has this many elements (matrix products and
+# convolutions: MATMUL_PARALLEL_MIN); a smaller op runs on one thread. Waking the pool's
+# passive threads costs ~10 us a parallel region, more than such an op takes on one core
+# (sqrt of 4,096 floats: 1.7 us on one thread, 17.8 us on two), and on a shared host the
+# region also waits for a core another process holds.
 # ORION_EMULATED_PARALLEL_MIN overrides the first; 0 keeps every op on all threads.
 PARALLEL_MIN = 1 << 17
 PARALLEL_ENV = "ORION_EMULATED_PARALLEL_MIN"

@@ -15,8 +15,8 @@ charged once per replay, as for one CUDA graph launch. A replay that follows the
 with no handle bound anew or freed and no tensor restrided in between (``Plan.state``)
 skips those checks: each step that reads only tensors no step makes anew keeps the
 arguments of its last run, its views are not looked at, its out= call is made at once
-(an MLP step's replay of 67 steps: 302 -> 238-245 us in the worker). A stream holding anything but ops
-and copies (a collective, a nested graph, a seed), or a view the client made without the
+(an MLP step's replay of 67 steps: 302 -> 238-245 us in the worker). A stream holding
+anything but ops and copies (a collective, a nested graph, a seed), or a view the client made without the
 server (codec.EXT_VIEW, made before the capture), has no plan and runs command by command.
 """
 
@@ -56,17 +56,23 @@ def _missing(h: int) -> SessionError:
                         "(freed, or never created because of an earlier error)")
 
 
-def _has_ref(v: Any) -> bool:
+def _ref_handles(v: Any) -> list[int]:
+    """The handles named anywhere in ``v`` (lists and dicts of them)."""
+    out: list[int] = []
     stack = [v]
     while stack:
         x = stack.pop()
         if type(x) is _Ref:
-            return True
-        if type(x) is list:
+            out.append(x.h)
+        elif type(x) is list:
             stack.extend(x)
         elif type(x) is dict:
             stack.extend(x.values())
-    return False
+    return out
+
+
+def _has_ref(v: Any) -> bool:
+    return bool(_ref_handles(v))
 
 
 def _bind_deep(v: Any, tensors: dict[int, torch.Tensor]) -> Any:
@@ -94,15 +100,8 @@ class _Template:
 
     def handles(self) -> set[int]:
         """Every handle the arguments name."""
-        out = {h for _, h in self.refs}
-        stack: list[Any] = [v for _, v in self.nested] + [v for _, v in self.kw_refs]
-        while stack:
-            x = stack.pop()
-            if type(x) is _Ref:
-                out.add(x.h)
-            elif type(x) is list:
-                stack.extend(x)
-        return out
+        return {h for _, h in self.refs} | set(
+            _ref_handles([v for _, v in self.nested] + [v for _, v in self.kw_refs]))
 
     def bind(self, tensors: dict[int, torch.Tensor]) -> tuple[list, dict]:
         args = self.args.copy()
@@ -283,24 +282,13 @@ class _OpStep:
             self.run(ex)
             return
         args, kwargs = self.args, self.kwargs
-        if ex.threads > 1:
-            ex.use_threads(ex.all_threads() if self.large else 1)
         if kind is IN_PLACE:
+            if ex.threads > 1:
+                ex.use_threads(self._threads(ex, args))
             ex.kernel(self.info.call, args, kwargs)
-            return
-        last = self.last_out
-        shapes = last[0].shape if len(last) == 1 else [t.shape for t in last]
-        try:
-            self.out_call(*args, **kwargs, **self.out_kw)
-        except Exception:
-            self.out_call, self.fast = None, SLOW  # as _into_last: the eager way reports it
+        elif not self._into_last(ex, args, kwargs, self.last_out):
+            self.fast = SLOW  # its out= overload refused: the eager way reports why
             self.run(ex)
-            return
-        ex.n_ops += 1
-        if (last[0].shape != shapes if len(last) == 1
-                else any(t.shape != sh for t, sh in zip(last, shapes, strict=True))):
-            ex.meta_epoch += 1
-            _recount(ex, last, self.outs)
 
     def _threads(self, ex: Executor, args: list) -> int:
         large = self.large
