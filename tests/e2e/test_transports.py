@@ -96,3 +96,15 @@ def test_the_server_sees_when_a_program_waits(pool, tmp_path: Path) -> None:
     proc = run_script("client_waiting.py", client_env(ctl, tmp_path / "c"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["WAITING", "True", "RUNNING", "True", "True"], proc.stdout
+
+
+def test_a_large_op_goes_out_at_once_when_the_server_is_idle(pool, tmp_path: Path) -> None:
+    """The server publishes the frames it has run in the arena; a command that makes a
+    large tensor while it has run them all is sent at once instead of waiting for a full
+    frame (the worker sat idle at each step's start); light commands, and large ones while
+    the server is busy, are batched as before."""
+    ctl, _ = pool
+    proc = run_script("starved_flush.py", client_env(ctl, tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["STARVED", "True", "LIGHT", "0", "HEAVY", "1", "BUSY", "0",
+                                   "DONE", "True"], proc.stdout

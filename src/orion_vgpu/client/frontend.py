@@ -933,8 +933,11 @@ def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any
             return _probe(conn, oid, enc_args, enc_kw, dev, inputs, key)
     if spec is _SYNC:
         return _call_sync(conn, oid, enc_args, enc_kw, dev)
-    if spec.fresh_bytes:
-        check_quota(dev, spec.fresh_bytes)
+    fresh = spec.fresh_bytes
+    if fresh:
+        check_quota(dev, fresh)
+        if fresh >= _WORK_BYTES and conn.starved():
+            conn.flush_at = 1  # push sends it now: the server would wait for a full frame
     it = spec.one
     if it is not None:  # _build_one's "new" case, inline: calling it cost 0.3 us an op
         view_of = it[5]
@@ -959,6 +962,7 @@ def _generic(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any
 
 
 _DYNAMIC = torch.Tag.dynamic_output_shape
+_WORK_BYTES = transport.FLUSH_WORK_BYTES
 _HANDLE_BLOCK = 1 << 16  # handles a probe may hand out; the counter simply skips past them
 
 

@@ -66,6 +66,9 @@ FLUSH_OPS = 32
 # many commands, each next one after twice as many, up to FLUSH_OPS. The server then starts
 # on the first ops while the program is still issuing the rest (compute-bound steps).
 FLUSH_FIRST = 8
+# A command that makes a tensor this large (its kernel takes longer than a frame costs)
+# goes out at once, with those before it, when the server has nothing left to run.
+FLUSH_WORK_BYTES = 256 * 1024
 # A reply expected within this is waited for awake (polling, yielding the core): a process
 # blocked in recv took 0.1-0.4 ms to run again after its reply came (a 2-vCPU VM), an MLP
 # loop's item() 889 -> 742 us. Slower replies are waited for asleep, as before.
@@ -155,6 +158,7 @@ class Connection:
         self.payload_bytes = 0  # of queued small uploads, copied into ``payload``
         self.n_cmds = 0
         self.flush_at = FLUSH_FIRST
+        self.frames_sent = 0  # against the server's frames_done (shared memory)
         self.frees: list[int] = []
         # What the session has: PyTorch's defaults, then what send_settings sent.
         self.settings: dict[str, Any] = dict(settings_protocol.DEFAULTS)
@@ -285,7 +289,13 @@ class Connection:
             self.n_cmds += 1
             if self.n_cmds >= self.flush_at or len(self.buf) + self.payload_bytes >= FLUSH_BYTES:
                 self.flush()
-                self.flush_at = min(2 * self.flush_at, FLUSH_OPS)
+                self.flush_at = min(max(2 * self.flush_at, 2 * FLUSH_FIRST), FLUSH_OPS)
+
+    def starved(self) -> bool:
+        """The server has run every frame sent and waits for the next (a co-located one
+        says so in shared memory; a remote one is assumed busy)."""
+        arena = self.arena
+        return arena is not None and arena.frames_done() == self.frames_sent
 
     def define(self, op_id: int, name: str) -> None:
         with self.lock:
@@ -357,6 +367,7 @@ class Connection:
             self.n_cmds = 0
             try:
                 frames.send_frame(self.sock, body, payload)
+                self.frames_sent += 1
             except OSError as exc:
                 raise self._lost(exc) from None
 

@@ -40,6 +40,7 @@ _PUBLISHED = 72
 _DL_PUBLISHED = 80
 _DL_CONSUMED = 88
 _WAITING = 96
+_FRAMES_DONE = 104  # frames of commands the server has run (the client's: sent)
 STREAM_CHUNK = 2 << 20  # a chunk fits the L2 cache; big enough that per-chunk overhead is small
 # Smaller transfers copy whole (batched, no hand-over per chunk): on a 2-core host streaming
 # won from 32 MiB on (uploads 1.3-1.45x faster) and lost or tied below.
@@ -173,6 +174,12 @@ class Arena:
 
     def set_waiting(self, waiting: bool) -> None:
         self.mm[_WAITING] = 1 if waiting else 0
+
+    def set_frames_done(self, n: int) -> None:
+        _U64.pack_into(self.mm, _FRAMES_DONE, n)
+
+    def frames_done(self) -> int:
+        return _U64.unpack_from(self.mm, _FRAMES_DONE)[0]
 
     def client_running(self) -> bool:
         """False while the client waits for a reply (blocked: not on a core)."""

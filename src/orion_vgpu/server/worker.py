@@ -94,6 +94,7 @@ class Session:
         self.ex = Executor(self.device, int(spec["gmem_bytes"]))
         self.ex.throttle = make_throttle(spec)
         self.arena: Arena | None = None
+        self.frames_done = 0  # frames run, published to a co-located client (Connection.starved)
         self.host_buffers: HostBuffers | None = None  # with the arena (client.hostpool)
         self.pending: SessionError | None = None
         self.unpacker = msgpack.Unpacker(
@@ -174,6 +175,9 @@ class Session:
                 return f"connection lost: {exc}"
             try:
                 done = self._run_frame(body)
+                self.frames_done += 1
+                if self.arena is not None:
+                    self.arena.set_frames_done(self.frames_done)
             except (frames.PeerClosed, ConnectionResetError, BrokenPipeError):
                 return self.closed("client disconnected")  # e.g. killed mid-upload
             except (msgpack.UnpackException, ValueError, TypeError) as exc:
