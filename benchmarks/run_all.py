@@ -159,8 +159,10 @@ def row(name: str, local: float | None, remote: float | None, target: str = "",
 
 # -------------------------------------------------------------------------- the suite
 # Sizes for ~15 minutes on 2 cores (each script's defaults are the larger, slower runs).
+# 12 training steps a run (was 6): the median of 6 sometimes took a slow first step, and
+# the suite's transformer ratio read 1.11-1.17 on the same tree (2026-12-03).
 BENCHES = [
-    Bench("dataplane", "bench_dataplane.py", ["--ops", "20000", "--steps", "6", "--repeat", "3"],
+    Bench("dataplane", "bench_dataplane.py", ["--ops", "20000", "--steps", "12", "--repeat", "3"],
           parse_dataplane),
     Bench("transfer", "bench_transfer.py", ["--max-mib", "1024", "--reps", "3"]),
     Bench("startup", "bench_startup.py", ["--runs", "6"]),

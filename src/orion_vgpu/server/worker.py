@@ -146,6 +146,7 @@ class Session:
             log.info("shared memory unavailable (%s); using the socket", exc)
             return False
         self.arena = arena
+        arena.set_frames_done(0)  # an `orion shm` file may hold the count of an earlier session
         self.ex.client_running = arena.client_running
         self.host_buffers = HostBuffers(str(shm["nonce"]))
         return True
