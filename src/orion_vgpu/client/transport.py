@@ -159,6 +159,7 @@ class Connection:
         self.n_cmds = 0
         self.flush_at = FLUSH_FIRST
         self.frames_sent = 0  # against the server's frames_done (shared memory)
+        self._frames_done: Arena | None = None  # the arena that counts them, if ours alone
         self.frees: list[int] = []
         # What the session has: PyTorch's defaults, then what send_settings sent.
         self.settings: dict[str, Any] = dict(settings_protocol.DEFAULTS)
@@ -259,9 +260,13 @@ class Connection:
             self.arena = own[0]
             # With an `orion shm` file (a container that mounts only that file) the server
             # cannot see files this process makes in its shm directory.
+            private = os.path.basename(own[0].path).startswith("orion-")
             cache = cache_bytes()
-            if cache > 0 and os.path.basename(own[0].path).startswith("orion-"):
+            if cache > 0 and private:
                 self.host_pool = HostPool(cache, own[1])
+            # An `orion shm` file is one arena for all of a program's sessions: its header's
+            # frame count is no single session's.
+            self._frames_done = own[0] if private else None
         elif own is not None:
             own[0].close()
         return reply
@@ -293,8 +298,8 @@ class Connection:
 
     def starved(self) -> bool:
         """The server has run every frame sent and waits for the next (a co-located one
-        says so in shared memory; a remote one is assumed busy)."""
-        arena = self.arena
+        says so in the session's own arena; otherwise it is taken as busy)."""
+        arena = self._frames_done
         return arena is not None and arena.frames_done() == self.frames_sent
 
     def define(self, op_id: int, name: str) -> None:
