@@ -197,6 +197,8 @@ class RemoteTensor(torch.Tensor):
         op = _ops_by_id.get(id(func))
         if op is None or op.func is not func:
             op = _op_of(func)
+        if op.view and _inference_mode():
+            return _view_in_inference_mode(op, args, kwargs or {}, None)
         if op.special is not None:
             return op.special(func, args, kwargs or {}, None)
         return _generic(op, args, kwargs or {}, None)
@@ -210,6 +212,7 @@ _OWN_ATTRS = frozenset({"_h", "_dev", "_ext", "_key", "_st", "_own", "_lazy"})  
 _saved_cuda: dict[int, int] = {}
 _BASE_DATA = torch._C.TensorBase.data
 _make = torch.Tensor._make_wrapper_subclass
+_inference_mode = torch.is_inference_mode_enabled
 # Bytes of live storages per vGPU, as the program holds them: instant memory_allocated()
 # and an OutOfMemoryError at the offending line (the server's ledger stays authoritative).
 used_bytes: dict[int, int] = {}
@@ -688,7 +691,7 @@ class _Op:
     OpOverload hashes with a Python method, and four dict lookups keyed by it cost more
     than the rest of a cached op."""
 
-    __slots__ = ("func", "special", "value_keyed", "oid", "dynamic")
+    __slots__ = ("func", "special", "value_keyed", "oid", "dynamic", "view")
 
     def __init__(self, func: Any) -> None:
         self.func = func  # keeps the overload alive, so its id is never reused
@@ -697,16 +700,25 @@ class _Op:
         # Only overloads have a wire name; anything else fails in op_id if it meets a vGPU.
         self.oid = op_id(func) if isinstance(func, torch._ops.OpOverload) else -1
         self.dynamic = _DYNAMIC in getattr(func, "tags", ())
+        self.view = _returns_view(func)
         if self.special is None and _writes_metadata(func):
             self.special = _reshaping
         if self.special is None and getattr(func, "namespace", "") == "c10d":
             self.special = _host_collective
+        if self.special is None and _is_composite(func):
+            self.special = _decomposed
 
 
 # In-place ops that may give a tensor they write other sizes, strides or storage.
 _META_WRITERS = frozenset({"t_", "transpose_", "swapdims_", "swapaxes_", "squeeze_",
                            "unsqueeze_", "as_strided_", "resize_", "resize_as_", "set_",
                            "_resize_output_"})
+
+
+def _returns_view(func: Any) -> bool:
+    schema = getattr(func, "_schema", None)
+    return schema is not None and any(r.alias_info is not None and not r.alias_info.is_write
+                                      for r in schema.returns)
 
 
 def _writes_metadata(func: Any) -> bool:
@@ -718,6 +730,30 @@ def _writes_metadata(func: Any) -> bool:
         return False
     # out= overloads resize an output of the wrong shape
     return schema.name.partition("::")[2] in _META_WRITERS or any(a.kwarg_only for a in written)
+
+
+def _is_composite(func: Any) -> bool:
+    """An overload made of other ops (``to``, ``cpu``, ``linear``, ``reshape``, ...)."""
+    if not isinstance(func, torch._ops.OpOverload):
+        return False
+    key = torch._C.DispatchKey.CompositeImplicitAutograd
+    return key in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(
+        func.name(), key)
+
+
+def _decomposed(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    """A composite op reaches a vGPU tensor whole only where autograd is off
+    (``torch.inference_mode``): elsewhere autograd has already broken it into the ops it
+    is made of. Break it up here the same way, so that what crosses between host and vGPU
+    is the ops this module handles for that (``to("cpu")`` is ``_to_copy``: run whole
+    on the server it gave a vGPU tensor for a host one). A factory (``default_dev``) keeps
+    the whole op: it has no vGPU tensor to start from, and its parts would not come back
+    through the factory mode."""
+    if default_dev is None:
+        out = func.decompose(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
+    return _generic(_op_of(func), args, kwargs, default_dev)
 
 
 def _host_collective(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
@@ -805,8 +841,28 @@ def dispatch(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> A
     op = _ops_by_id.get(id(func))
     if op is None or op.func is not func:
         op = _op_of(func)
+    if op.view and _inference_mode():
+        return _view_in_inference_mode(op, args, kwargs, default_dev)
     if op.special is not None:
         return op.special(func, args, kwargs, default_dev)
+    return _generic(op, args, kwargs, default_dev)
+
+
+def _view_in_inference_mode(op: _Op, args: tuple, kwargs: dict,
+                            default_dev: int | None) -> Any:
+    """A view of a normal tensor is a normal tensor, in inference mode too (PyTorch then
+    gives it its base's version counter, which an inference tensor cannot take): its
+    wrapper is made outside the mode."""
+    base = args[0] if args else None
+    if isinstance(base, torch.Tensor) and not base.is_inference():
+        with torch.inference_mode(False):
+            return _dispatch_op(op, args, kwargs, default_dev)
+    return _dispatch_op(op, args, kwargs, default_dev)
+
+
+def _dispatch_op(op: _Op, args: tuple, kwargs: dict, default_dev: int | None) -> Any:
+    if op.special is not None:
+        return op.special(op.func, args, kwargs, default_dev)
     return _generic(op, args, kwargs, default_dev)
 
 
