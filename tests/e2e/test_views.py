@@ -45,3 +45,17 @@ def test_conjugate_views_and_their_parts_match_local(pool, tmp_path: Path) -> No
     local = _lines(run_local("conj_views.py"), "RESULT")
     assert len(local) == 11
     assert _lines(run_script("conj_views.py", client_env(ctl, tmp_path / "c")), "RESULT") == local
+
+
+def test_storage_pointers_tell_shared_storages_apart_as_locally(pool, tmp_path: Path) -> None:
+    """``untyped_storage().data_ptr()`` of a vGPU tensor is its storage's stand-in pointer,
+    the same for its views and distinct for other tensors. It was 0 for every vGPU tensor,
+    so the shared-storage checks libraries make before saving (transformers'
+    ``id_tensor_storage``: device, pointer, size) took all weights of one size for one
+    tied weight."""
+    ctl, _ = pool
+    local = _lines(run_local("storage_ptrs.py"), "RESULT")
+    assert len(local) == 7
+    assert local[0] == "RESULT shared [['emb.weight', 'head.weight']]"
+    remote = _lines(run_script("storage_ptrs.py", client_env(ctl, tmp_path / "c")), "RESULT")
+    assert remote == local

@@ -9,6 +9,7 @@ device (``device="cuda"``, ``.to("cuda")``...) so that they create them in the p
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import sys
@@ -852,6 +853,25 @@ def _remote_data_ptr(self: RemoteTensor) -> int:
     return (base << 40) + self.storage_offset() * self.element_size()  # offsets < 1 TiB
 
 
+_TENSOR_STORAGE = torch._C.TensorBase.untyped_storage
+
+
+def _remote_untyped_storage(self: RemoteTensor) -> torch.UntypedStorage:
+    """The wrapper's (meta) storage, whose ``data_ptr()`` is the stand-in of the vGPU memory
+    under it (``_remote_data_ptr`` at offset 0): equal for a tensor and its views, distinct
+    for two tensors. Code that tells shared storages apart by it (safetensors'
+    ``storage_ptr``, transformers' ``id_tensor_storage`` before ``save_pretrained``) saw 0
+    for every vGPU tensor: all tensors of one size looked like one shared storage."""
+    storage = _TENSOR_STORAGE(self)
+    st = getattr(self, "_st", None)
+    ptr = (id(st) if st is not None else self._h) << 40
+    if storage.__dict__.get("_orion_ptr") != ptr:
+        # The storage's Python object lives as long as its tensor's: set once, not per call.
+        storage._orion_ptr = ptr  # type: ignore[attr-defined]
+        storage.data_ptr = functools.partial(int, ptr)  # type: ignore[method-assign]
+    return storage
+
+
 def _alias(fn: Any) -> Any:
     """The same function as another object: torch._dynamo keys its handlers by function and
     refuses one object under two names (torch.cuda.synchronize, torch.accelerator.synchronize)."""
@@ -925,6 +945,7 @@ def activate() -> None:
     torch.cuda._initialized = True
     torch.__future__.set_swap_module_params_on_conversion(True)
     RemoteTensor.data_ptr = _remote_data_ptr  # type: ignore[method-assign]
+    RemoteTensor.untyped_storage = _remote_untyped_storage  # type: ignore[method-assign]
     from orion_vgpu.client import checkpoint, parallel
     checkpoint.install()
     parallel.install()
