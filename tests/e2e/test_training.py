@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,28 @@ def test_dropped_tensors_are_freed_without_the_cycle_collector(pool, tmp_path: P
     out = _result(run_script("no_cycles.py", client_env(ctl, tmp_path / "c")))
     assert out == [f"RESULT held after round {i} 0" for i in range(3)] + [
         "RESULT tensors in cycles 0"]
+
+
+def test_a_replaced_large_tensor_is_freed_before_its_successor_is_made(pool, tmp_path: Path) -> None:
+    """``x = x + 1`` on a 16 MiB tensor, 40 times, with a quota of 80 MiB: the server frees
+    the old ``x`` before it makes the next one, as PyTorch does locally, and the session
+    peaks at two of them. Frees went out at the end of a frame (up to 32 commands later):
+    the dropped ones piled up on the server, which ran out of quota within the first frame."""
+    ctl, srv = pool
+    local = _result(run_local("replace_large.py"))
+    proc = run_script("replace_large.py", client_env(ctl, tmp_path / "c", ORION_GMEM="80"))
+    assert _result(proc) == local == ["RESULT 40.0 167772160.0"]
+    alloc = re.search(r"allocation (\S+) granted", proc.stderr).group(1)
+
+    def peak() -> str | None:
+        for log in srv.session_logs():
+            m = re.search(rf"allocation {alloc} .*ended: .*peak (\d+) MiB", log.read_text())
+            if m:
+                return m.group(1)
+        return None
+
+    assert wait_for(lambda: peak() is not None, timeout=10)
+    assert peak() == "32"
 
 
 def test_amp_autocast_and_gradscaler_converge(pool, tmp_path: Path) -> None:

@@ -376,6 +376,11 @@ class Connection:
             except OSError as exc:
                 raise self._lost(exc) from None
 
+    def queue_frees(self) -> None:
+        """The frees collected so far go after the commands queued so far, now."""
+        with self.lock:
+            self._queue_frees()
+
     def _queue_frees(self) -> None:
         """Frees after everything queued so far (which may still use those handles)."""
         collect_frees()
