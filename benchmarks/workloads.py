@@ -112,6 +112,25 @@ def mlp_step(steps: int, graph: bool = False, fused: bool = False) -> dict:
     return {"ms_per_step": statistics.median(times) * 1e3}
 
 
+def mlp_infer(n: int) -> dict:
+    """The MLP's forward pass in evaluation, n times, under torch.no_grad() and under
+    torch.inference_mode() (which breaks composite ops up on the client: its cost)."""
+    model = mlp_setup(DEV)[0].eval()
+    x = torch.randn(32, 64).to(DEV)
+    out = {}
+    for name, ctx in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
+        runs = []
+        for _ in range(5):
+            with ctx():
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    y = model(x)
+                y.sum().item()
+            runs.append((time.perf_counter() - t0) / n * 1e6)
+        out[f"us_per_forward_{name}"] = statistics.median(runs)
+    return out
+
+
 def xfmr_step(steps: int) -> dict:
     """A small transformer language model's training step: 2 encoder layers, d_model 128,
     4 heads, sequence 64, batch 16, vocabulary 1000, cross-entropy, AdamW."""
@@ -146,7 +165,7 @@ if __name__ == "__main__":
              "mlp_fused": lambda k: mlp_step(k, fused=True),
              "mlp_graph": lambda k: mlp_step(k, graph=True),
              "mlp_graph_fused": lambda k: mlp_step(k, graph=True, fused=True),
-             "xfmr": xfmr_step}
+             "mlp_infer": mlp_infer, "xfmr": xfmr_step}
     out = kinds[kind](n)
     out["device"] = DEV
     print(json.dumps(out))
