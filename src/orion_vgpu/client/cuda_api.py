@@ -848,9 +848,13 @@ def _remote_data_ptr(self: RemoteTensor) -> int:
     such as make_graphed_callables compares pointers to tell tensors' memory apart: a
     stand-in equal exactly for views of the same storage at the same offset. A method of
     the class, not of the mode: backward code runs on autograd's threads, outside it."""
+    return _storage_ptr(self) + self.storage_offset() * self.element_size()
+
+
+def _storage_ptr(self: RemoteTensor) -> int:
+    """The stand-in address of the vGPU memory under ``self``: one per client Storage."""
     st = getattr(self, "_st", None)
-    base = id(st) if st is not None else self._h
-    return (base << 40) + self.storage_offset() * self.element_size()  # offsets < 1 TiB
+    return (id(st) if st is not None else self._h) << 40  # offsets < 1 TiB
 
 
 _TENSOR_STORAGE = torch._C.TensorBase.untyped_storage
@@ -858,17 +862,13 @@ _TENSOR_STORAGE = torch._C.TensorBase.untyped_storage
 
 def _remote_untyped_storage(self: RemoteTensor) -> torch.UntypedStorage:
     """The wrapper's (meta) storage, whose ``data_ptr()`` is the stand-in of the vGPU memory
-    under it (``_remote_data_ptr`` at offset 0): equal for a tensor and its views, distinct
-    for two tensors. Code that tells shared storages apart by it (safetensors'
+    under it (``_storage_ptr``: ``data_ptr()`` at offset 0), equal for a tensor and its
+    views, distinct for two tensors. Code that tells shared storages apart by it (safetensors'
     ``storage_ptr``, transformers' ``id_tensor_storage`` before ``save_pretrained``) saw 0
     for every vGPU tensor: all tensors of one size looked like one shared storage."""
     storage = _TENSOR_STORAGE(self)
-    st = getattr(self, "_st", None)
-    ptr = (id(st) if st is not None else self._h) << 40
-    if storage.__dict__.get("_orion_ptr") != ptr:
-        # The storage's Python object lives as long as its tensor's: set once, not per call.
-        storage._orion_ptr = ptr  # type: ignore[attr-defined]
-        storage.data_ptr = functools.partial(int, ptr)  # type: ignore[method-assign]
+    # Set at each call: ``x.data = y`` or ``set_`` may have given the tensor another storage.
+    storage.data_ptr = functools.partial(int, _storage_ptr(self))  # type: ignore[method-assign]
     return storage
 
 

@@ -849,9 +849,7 @@ def dispatch(func: Any, args: tuple, kwargs: dict, default_dev: int | None) -> A
         op = _op_of(func)
     if op.view and _inference_mode():
         return _view_in_inference_mode(op, args, kwargs, default_dev)
-    if op.special is not None:
-        return op.special(func, args, kwargs, default_dev)
-    return _generic(op, args, kwargs, default_dev)
+    return _dispatch_op(op, args, kwargs, default_dev)
 
 
 def _view_in_inference_mode(op: _Op, args: tuple, kwargs: dict,
