@@ -9,7 +9,6 @@ from __future__ import annotations
 import getpass
 import os
 import secrets
-import select
 import signal
 import socket
 import sys
@@ -30,7 +29,7 @@ from orion_vgpu.client.hostpool import (
     HostPool,
     cache_bytes,
 )
-from orion_vgpu.protocol import codec, frames
+from orion_vgpu.protocol import codec, frames, waiting
 from orion_vgpu.protocol import messages as m
 from orion_vgpu.protocol import settings as settings_protocol
 from orion_vgpu.protocol.shm import (
@@ -69,9 +68,9 @@ FLUSH_FIRST = 8
 # A command that makes a tensor this large (its kernel takes longer than a frame costs)
 # goes out at once, with those before it, when the server has nothing left to run.
 FLUSH_WORK_BYTES = 256 * 1024
-# A reply expected within this is waited for awake (polling, yielding the core): a process
-# blocked in recv took 0.1-0.4 ms to run again after its reply came (a 2-vCPU VM), an MLP
-# loop's item() 889 -> 742 us. Slower replies are waited for asleep, as before.
+# A reply expected within this is waited for awake (protocol.waiting): a process blocked in
+# recv took 0.1-0.4 ms to run again after its reply came (a 2-vCPU VM), an MLP loop's
+# item() 889 -> 742 us. Slower replies are waited for asleep, as before.
 SPIN_MAX_S = 0.002
 SHM_MIN_BYTES = 32 * 1024
 # Uploads up to this size sent in the socket's frames are copied and queued with the
@@ -178,8 +177,7 @@ class Connection:
         self.lock = threading.RLock()
         self._created_shm: str | None = None
         self._payload_left = 0
-        self._poll: Any = None
-        self._wait_s = 0.0  # how long recent replies took (a moving average)
+        self._waiter = waiting.Waiter(self.sock, SPIN_MAX_S)  # replies awaited awake
         # Tensor bytes this process moved to and from the server (tests, diagnostics).
         self.bytes_up = 0
         self.bytes_down = 0
@@ -402,15 +400,14 @@ class Connection:
             arena.set_waiting(True)  # a co-located emulated GPU may have our core meanwhile
         t0 = time.perf_counter()
         try:
-            if self._wait_s < SPIN_MAX_S:
-                self._await_reply(t0 + min(2 * self._wait_s + 50e-6, SPIN_MAX_S))
+            self._waiter.before(t0)
             body, self._payload_left = frames.recv_frame(self.sock)
         except (OSError, frames.FrameError) as exc:
             raise self._lost(exc) from None
         finally:
             if arena is not None:
                 arena.set_waiting(False)
-        self._wait_s = (self._wait_s + time.perf_counter() - t0) / 2
+        self._waiter.after(t0)
         self.flush_at = FLUSH_FIRST  # the server has caught up with everything sent
         reply = msgpack.unpackb(body, ext_hook=codec.client_ext_hook, strict_map_key=False)
         if reply[0] == m.REPLY_ERROR:
@@ -420,19 +417,6 @@ class Connection:
             self.ooms += reply[1] == "OutOfMemoryError"
             raise_remote(reply[1], reply[2])
         return reply
-
-    def _await_reply(self, deadline: float) -> None:
-        """Poll until a reply is readable or ``deadline``, giving the core to any other
-        runnable thread (the emulated GPU's, on a shared host) at each turn."""
-        poll = self._poll
-        if poll is None:
-            poll = self._poll = select.poll()
-            poll.register(self.sock, select.POLLIN)
-        clock = time.perf_counter
-        while not poll.poll(0):
-            if clock() > deadline:
-                return
-            os.sched_yield()
 
     def _lost(self, exc: BaseException) -> OrionError:
         self.closed = True

@@ -720,6 +720,11 @@ class Throttle:
                 log.warning("compute share: could not leave %s: %s", table.path, exc)
         self._locked = False
 
+    @property
+    def neighbours(self) -> bool:
+        """Other sessions held this GPU's slots at the last look (SCAN_INTERVAL_S)."""
+        return self._neighbours
+
     def stats(self) -> dict[str, float | int]:
         return {"busy_s": self.busy_s, "throttle_wait_s": self.wait_s, "ops": self.ops,
                 "contended_ops": self.contended_ops, "dropped_s": self.dropped_s}
