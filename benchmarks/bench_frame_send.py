@@ -11,8 +11,6 @@ frame's median size; local execution sends nothing, so there is no local column.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from localpool import local_pool, run_json  # noqa: E402
+from localpool import local_pool, run_json, step_args  # noqa: E402
 
 WARMUP = 500  # sends left out: the first steps probe every op
 
@@ -57,13 +55,8 @@ def workload(steps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--workload", type=int, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.workload:
-        print(json.dumps(workload(a.workload)))
+    a = step_args(__doc__, 3000, workload)
+    if a is None:
         return
     with local_pool() as env:
         for _ in range(a.repeat):

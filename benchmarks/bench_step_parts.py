@@ -13,8 +13,6 @@ server runs the ops meanwhile on the other core.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from localpool import local_pool, run_json  # noqa: E402
+from localpool import local_pool, run_json, step_args  # noqa: E402
 
 PARTS = ("zero_grad", "forward", "backward", "optimizer")
 
@@ -60,13 +58,8 @@ def run(env: dict[str, str], steps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--workload", type=int, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.workload:
-        print(json.dumps(workload(a.workload)))
+    a = step_args(__doc__, 2000, workload)
+    if a is None:
         return
     local_env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
     loc: list[dict] = []

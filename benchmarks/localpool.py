@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -145,6 +146,22 @@ def local_pool(emulated: str = "2x16GiB", vgpu_count: int = 4,
                 p.kill()
         if os.environ.get("ORION_BENCH_KEEP") != "1":  # its database and logs, for a look
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def step_args(doc: str | None, steps: int,
+              workload: Callable[[int], dict]) -> argparse.Namespace | None:
+    """``--steps`` and ``--repeat`` of a per-step diagnosis. Run again as its own workload
+    process (``--workload N``, see run_json), it runs ``workload(N)``, prints the JSON and
+    gives None."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workload", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.workload:
+        print(json.dumps(workload(a.workload)))
+        return None
+    return a
 
 
 def run_json(argv: list[str], env: dict[str, str], timeout: float = 900) -> dict:

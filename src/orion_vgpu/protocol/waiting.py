@@ -25,10 +25,10 @@ _SCHEDSTAT = "/proc/thread-self/schedstat"  # run time, run-queue delay (ns), ti
 class Waiter:
     """Awake waits on one socket, for one thread (the one that reads it)."""
 
-    def __init__(self, sock: socket.socket, spin_max_s: float) -> None:
+    def __init__(self, sock: socket.socket, spin_max_s: float, mean_s: float = 0.0) -> None:
         self.sock = sock
         self.spin_max_s = spin_max_s
-        self.mean_s = 0.0  # how long recent waits took (a moving average)
+        self.mean_s = mean_s  # how long recent waits took (a moving average)
         self._poll: select.poll | None = None
         self._next_check = 0.0
         self._queued_ns = -1  # run-queue delay at the last check (-1: none yet)

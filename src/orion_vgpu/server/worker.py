@@ -108,8 +108,8 @@ class Session:
                                         self.ex.resolve_view),
             raw=False, strict_map_key=False, max_buffer_size=frames.MAX_BODY)
         self.payload_left = 0
-        self._waiter = waiting.Waiter(conn, SPIN_MAX_S)  # frames awaited awake
-        self._waiter.mean_s = SPIN_MAX_S  # not before a first short wait
+        # frames awaited awake, from the first short wait on
+        self._waiter = waiting.Waiter(conn, SPIN_MAX_S, mean_s=SPIN_MAX_S)
         self.packer = msgpack.Packer(default=codec.encode_default)
         self.end_reason: str | None = None  # set when the stream cannot go on (a stalled transfer)
         self.revoked: str | None = None  # oriond ended the session: its allocation is over
