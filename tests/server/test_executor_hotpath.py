@@ -14,10 +14,12 @@ from orion_vgpu.server.replay import Plan
 H = codec.handle_ext
 
 
-def _session() -> tuple[Executor, msgpack.Unpacker]:
+def _session(held: bool = True) -> tuple[Executor, msgpack.Unpacker]:
+    """The worker's decoder looks handles up in the executor's table first (``held``)."""
     ex = Executor(torch.device("cpu"), 1 << 24)
-    unpacker = msgpack.Unpacker(ext_hook=codec.make_ext_hook(ex.resolve, ex.device), raw=False,
-                                strict_map_key=False)
+    hook = codec.make_ext_hook(ex.resolve, ex.device, resolve_view=ex.resolve_view,
+                               held=ex.tensors if held else None)
+    unpacker = msgpack.Unpacker(ext_hook=hook, raw=False, strict_map_key=False)
     for oid, name in enumerate(("aten::add.Tensor", "aten::add_.Tensor", "aten::cat.default",
                                 "aten::set_.source_Tensor", "aten::resize_.default",
                                 "aten::add.out"), start=1):
@@ -39,8 +41,9 @@ def _exact(ex: Executor) -> None:
     assert ex.ledger.peak >= ex.ledger.used
 
 
-def test_a_missing_handle_is_named_whatever_came_before() -> None:
-    ex, unpacker = _session()
+@pytest.mark.parametrize("held", [True, False])
+def test_a_missing_handle_is_named_whatever_came_before(held: bool) -> None:
+    ex, unpacker = _session(held)
     with pytest.raises(SessionError, match="tensor handle 99 is not held"):
         _run(ex, unpacker, [1, 1, [H(1), H(99)], {}, [10]])
     _run(ex, unpacker, [1, 1, [H(1), H(1)], {}, [10]])  # the next op runs
@@ -134,7 +137,8 @@ def test_a_running_client_on_the_host_keeps_one_core() -> None:
 def test_a_client_made_view_is_its_storage_seen_through_its_strides() -> None:
     ex = Executor(torch.device("cpu"), 1 << 24)
     unpacker = msgpack.Unpacker(ext_hook=codec.make_ext_hook(
-        ex.resolve, ex.device, resolve_view=ex.resolve_view), raw=False, strict_map_key=False)
+        ex.resolve, ex.device, resolve_view=ex.resolve_view, held=ex.tensors), raw=False,
+        strict_map_key=False)
     ex.define(1, "aten::add_.Tensor")
     ex.define(2, "aten::add.Tensor")
     ex.store(1, torch.zeros(3, 4))
@@ -153,4 +157,6 @@ def test_a_client_made_view_is_its_storage_seen_through_its_strides() -> None:
     assert 6 not in ex.tensors and ex.ledger.used == used
     _run(ex, unpacker, [1, 2, [col, 1.0], {}, [6]])  # the session goes on
     assert torch.equal(ex.tensors[6], torch.full((3,), 6.0))
+    _run(ex, unpacker, [1, 2, [codec.view_ext(1, (), (), 6), 1.0], {}, [7]])  # one element
+    assert ex.tensors[7].shape == () and ex.tensors[7].item() == 6.0
     _exact(ex)

@@ -1,6 +1,6 @@
 """A frame's run of ops takes one turn of the compute share (Executor.begin_batch): one
-before_op / after_op pair for them all, cut at a command that is not an op and after
-executor.BATCH_MAX_S of busy time."""
+before_op / after_op pair for them all, cut at a command that is not an op (frees aside)
+and after executor.BATCH_MAX_S of busy time."""
 
 from __future__ import annotations
 
@@ -87,6 +87,24 @@ def test_a_command_that_is_not_an_op_ends_the_turn(session) -> None:  # noqa: AN
     s._run_frame(_frame(ADD, ADD, ADD, [m.CMD_SYNC], ADD, ADD))
     assert rec.turns == [3, 2]
     assert not rec.open
+
+
+def test_frees_between_ops_stay_in_the_turn(session) -> None:  # noqa: ANN001
+    s, rec, _ = session
+    s.ex.store(3, torch.ones(4))
+    used = s.ex.ledger.used
+    s._run_frame(_frame(ADD, [m.CMD_FREE, [3]], ADD, [m.CMD_FREE, [3, 77]], ADD))
+    assert rec.turns == [3] and not rec.open
+    assert 3 not in s.ex.tensors and s.ex.ledger.used == used - 16
+    assert torch.equal(s.ex.tensors[1], torch.full((4,), 3.0))
+    assert s.pending is None  # freeing a handle twice, or one never held, is no error
+
+
+def test_a_malformed_free_is_the_clients_error_and_ends_no_turn_early(session) -> None:  # noqa: ANN001
+    s, rec, _ = session
+    s._run_frame(_frame(ADD, [m.CMD_FREE, 5], ADD))
+    assert rec.turns == [2] and not rec.open
+    assert s.pending is not None and "free expects a list" in str(s.pending)
 
 
 def test_a_failing_op_does_not_leave_a_turn_open(session) -> None:  # noqa: ANN001

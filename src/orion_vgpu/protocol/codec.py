@@ -67,12 +67,8 @@ def view_ext(handle: int, size: Any, stride: Any, offset: int) -> msgpack.ExtTyp
     return msgpack.ExtType(EXT_VIEW, _Q.pack(handle) + view_tail(size, stride, offset))
 
 
-def _view_fields(data: bytes) -> tuple[int, tuple[int, ...], tuple[int, ...], int] | None:
-    n, rest = divmod(len(data) - 16, 16)
-    if len(data) < 16 or rest or n > MAX_VIEW_DIMS:
-        return None
-    vals = struct.unpack(f"<{2 + 2 * n}q", data)
-    return vals[0], vals[2:2 + n], vals[2 + n:], vals[1]
+# A view's ext value by its length: handle, offset, then n sizes and n strides.
+_VIEW_STRUCTS = {16 + 16 * n: struct.Struct(f"<{2 + 2 * n}q") for n in range(MAX_VIEW_DIMS + 1)}
 
 
 def generator_ext(gid: int) -> msgpack.ExtType:
@@ -118,37 +114,52 @@ def _no_views(handle: int, size: tuple, stride: tuple, offset: int) -> Any:
 
 def make_ext_hook(resolve_handle: Callable[[int], Any], remote_device: torch.device,
                   resolve_generator: Callable[[int], Any] = _no_generators,
-                  resolve_view: Callable[[int, tuple, tuple, int], Any] = _no_views
-                  ) -> Callable[[int, bytes], Any]:
+                  resolve_view: Callable[[int, tuple, tuple, int], Any] = _no_views,
+                  held: dict[int, Any] | None = None) -> Callable[[int, bytes], Any]:
     """Server-side ``ext_hook``: turn ext values back into torch objects.
-    ``resolve_view(handle, size, stride, offset)``: an ext 8 view."""
+    ``resolve_view(handle, size, stride, offset)``: an ext 8 view. ``held``: the tensors by
+    handle that ``resolve_handle`` reads, looked up here first (a worker decodes ~500
+    handles a transformer step; the call saved is most of a lookup's cost)."""
     host = torch.device("cpu")
+    known = (held if held is not None else {}).get
+    unpack_q = _Q.unpack
+    view_struct = _VIEW_STRUCTS.get
 
     def hook(code: int, data: bytes) -> Any:
         if code == EXT_HANDLE and len(data) == 8:
-            return resolve_handle(_Q.unpack(data)[0])
+            handle = unpack_q(data)[0]
+            t = known(handle)
+            return t if t is not None else resolve_handle(handle)
         if code == EXT_VIEW:
-            fields = _view_fields(data)
-            if fields is not None:
-                return resolve_view(*fields)
-        if code == EXT_GENERATOR and len(data) == 8:
-            return resolve_generator(_Q.unpack(data)[0])
-        if len(data) == 1:
-            idx = data[0]
-            if code == EXT_DTYPE:
-                return dtype_from_code(idx)
-            if code == EXT_MEMFMT and idx < len(MEMFMTS):
-                return MEMFMTS[idx]
-            if code == EXT_LAYOUT and idx < len(LAYOUTS):
-                return LAYOUTS[idx]
-            if code == EXT_DEVICE and idx < 2:  # anything else is malformed, not "host"
-                return remote_device if idx == 0 else host
-        if code == EXT_COMPLEX and len(data) == 16:
-            re, im = _DD.unpack(data)
-            return complex(re, im)
-        raise CodecError(f"malformed ext value (code {code}, {len(data)} bytes)")
+            st = view_struct(len(data))
+            if st is not None:
+                vals = st.unpack(data)
+                n = (len(vals) - 2) >> 1
+                return resolve_view(vals[0], vals[2:2 + n], vals[2 + n:], vals[1])
+        return _rare_ext(code, data, host, remote_device, resolve_generator)
 
     return hook
+
+
+def _rare_ext(code: int, data: bytes, host: torch.device, remote_device: torch.device,
+              resolve_generator: Callable[[int], Any]) -> Any:
+    """The ext values other than handles and views (a few per op at most)."""
+    if code == EXT_GENERATOR and len(data) == 8:
+        return resolve_generator(_Q.unpack(data)[0])
+    if len(data) == 1:
+        idx = data[0]
+        if code == EXT_DTYPE:
+            return dtype_from_code(idx)
+        if code == EXT_MEMFMT and idx < len(MEMFMTS):
+            return MEMFMTS[idx]
+        if code == EXT_LAYOUT and idx < len(LAYOUTS):
+            return LAYOUTS[idx]
+        if code == EXT_DEVICE and idx < 2:  # anything else is malformed, not "host"
+            return remote_device if idx == 0 else host
+    if code == EXT_COMPLEX and len(data) == 16:
+        re, im = _DD.unpack(data)
+        return complex(re, im)
+    raise CodecError(f"malformed ext value (code {code}, {len(data)} bytes)")
 
 
 def client_ext_hook(code: int, data: bytes) -> Any:

@@ -646,10 +646,11 @@ class Executor:
         self.ops[op_id] = describe_op(resolve_op(name))
 
     def run(self, op_id: int, args: list, kwargs: dict, outs: list) -> Any:
-        info = self.ops.get(op_id) if isinstance(op_id, int) else None
+        # msgpack makes exactly these types (type() is: a bool is not an id)
+        info = self.ops.get(op_id) if type(op_id) is int else None
         if info is None:
             raise SessionError("RuntimeError", f"operator id {op_id!r} was never defined")
-        if not isinstance(args, list) or not isinstance(kwargs, dict) or not isinstance(outs, list):
+        if type(args) is not list or type(kwargs) is not dict or type(outs) is not list:
             raise SessionError("ProtocolError", "an op needs args (array), kwargs (map) and "
                                "out handles (array)")
         for h in outs:
@@ -664,8 +665,11 @@ class Executor:
         snapshot = self._snapshot(info, args, kwargs) if info.grows else None
         if info.restrides:
             self.meta_epoch += 1
-        if self.threads > 1:
-            self.use_threads(self.threads_for(info, args))
+        if self.threads > 1:  # all threads for a large op, one for a small one (PARALLEL_MIN)
+            n = self.all_threads() if self.is_large(info, args) else 1
+            if n != self._threads_now:  # use_threads, inline (once per op)
+                torch.set_num_threads(n)
+                self._threads_now = n
         throttle = self.throttle
         if throttle is not None:
             throttle.before_op()
@@ -685,7 +689,11 @@ class Executor:
             self.n_ops += 1
             if throttle is not None:
                 throttle.after_op(spent)
-        self._bind_outputs(info, args, kwargs, result, outs, snapshot)
+        if snapshot is None and not info.recount and len(outs) == 1 \
+                and isinstance(result, torch.Tensor):
+            self._bind_one(outs[0], result)  # most ops: one new tensor, nothing resized
+        else:
+            self._bind_outputs(info, args, kwargs, result, outs, snapshot)
         return result
 
     def begin_batch(self) -> None:
@@ -712,10 +720,6 @@ class Executor:
         """A batch is cut after BATCH_MAX_S of busy time, so that turns stay short."""
         batch = self._batch
         return batch is not None and self.busy_s - batch[1] >= BATCH_MAX_S
-
-    def threads_for(self, info: OpInfo, args: list) -> int:
-        """All threads for a large op, one for a small one (see PARALLEL_MIN)."""
-        return self.all_threads() if self.is_large(info, args) else 1
 
     def is_large(self, info: OpInfo, args: list) -> bool:
         scale = self._parallel_scale
@@ -814,6 +818,17 @@ class Executor:
         for t in self.tensors.values():
             if t.untyped_storage()._cdata in snap.storages:
                 self.ledger.refresh(t)
+
+    def _bind_one(self, handle: int, t: torch.Tensor) -> None:
+        """``_bind_outputs`` for an op that made one tensor and resized nothing."""
+        ledger = self.ledger
+        before = ledger.used
+        if handle > 0:
+            self._check_storable(t)
+            self._hold(handle, t)
+        if ledger.used > ledger.limit:
+            self._undo([handle] if handle > 0 else [], None)
+            raise SessionError("OutOfMemoryError", oom_message(ledger.used - before, ledger))
 
     def _bind_outputs(self, info: OpInfo, args: list, kwargs: dict, result: Any, outs: list,
                       snapshot: _Snapshot | None) -> None:

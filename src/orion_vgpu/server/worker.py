@@ -105,7 +105,7 @@ class Session:
         self.pending: SessionError | None = None
         self.unpacker = msgpack.Unpacker(
             ext_hook=codec.make_ext_hook(self.ex.resolve, self.device, self._generator,
-                                        self.ex.resolve_view),
+                                        self.ex.resolve_view, self.ex.tensors),
             raw=False, strict_map_key=False, max_buffer_size=frames.MAX_BODY)
         self.payload_left = 0
         # frames awaited awake, from the first short wait on
@@ -119,7 +119,7 @@ class Session:
         # CUDA-graph captures and torch.compile graphs the client defined (server/graphs.py)
         self.graphs = GraphStore(self.ex, self.device, self._execute, lambda: msgpack.Unpacker(
             ext_hook=codec.make_ext_hook(self.ex.resolve, self.device, self._generator,
-                                        self.ex.resolve_view),
+                                        self.ex.resolve_view, self.ex.tensors),
             raw=False, strict_map_key=False, max_buffer_size=frames.MAX_BODY),
             spec["session_id"][:8], self._fail)
 
@@ -251,13 +251,14 @@ class Session:
         takes one turn of the compute share (``Executor.begin_batch``)."""
         ex = self.ex
         run = ex.run
+        op, free = m.CMD_OP, m.CMD_FREE
         throttled = ex.throttle is not None  # between frames no batch is open
         for cmd in self.unpacker:
-            if not isinstance(cmd, list) or not cmd:
+            if type(cmd) is not list or not cmd:
                 raise ValueError("command is not a non-empty array")
             kind = cmd[0]
-            if kind == m.CMD_OP and len(cmd) == 5:  # most commands: straight to the executor
-                if throttled:
+            if kind == op and len(cmd) == 5:  # most commands: straight to the executor
+                if throttled and ex.throttle is not None:  # no batch open (begin_batch)
                     ex.begin_batch()
                 try:
                     run(cmd[1], cmd[2], cmd[3], cmd[4])
@@ -267,6 +268,16 @@ class Session:
                     self._fail(SessionError(type(exc).__name__, str(exc)))
                 if throttled and ex.batch_full():
                     ex.end_batch()
+                continue
+            if kind == free and len(cmd) == 2:
+                # Not device work: the ops around it stay one turn (a transformer step
+                # frees 85 times between its 170 ops; each cut cost a share-table update).
+                try:
+                    ex.free(cmd[1])
+                except SessionError as exc:
+                    self._fail(exc)
+                except Exception as exc:  # as in _execute: the client's error
+                    self._fail(SessionError(type(exc).__name__, str(exc)))
                 continue
             if throttled:
                 ex.end_batch()
