@@ -666,10 +666,7 @@ class Executor:
         if info.restrides:
             self.meta_epoch += 1
         if self.threads > 1:  # all threads for a large op, one for a small one (PARALLEL_MIN)
-            n = self.all_threads() if self.is_large(info, args) else 1
-            if n != self._threads_now:  # use_threads, inline (once per op)
-                torch.set_num_threads(n)
-                self._threads_now = n
+            self.use_threads(self.all_threads() if self.is_large(info, args) else 1)
         throttle = self.throttle
         if throttle is not None:
             throttle.before_op()
@@ -689,11 +686,7 @@ class Executor:
             self.n_ops += 1
             if throttle is not None:
                 throttle.after_op(spent)
-        if snapshot is None and not info.recount and len(outs) == 1 \
-                and isinstance(result, torch.Tensor):
-            self._bind_one(outs[0], result)  # most ops: one new tensor, nothing resized
-        else:
-            self._bind_outputs(info, args, kwargs, result, outs, snapshot)
+        self._bind_outputs(info, args, kwargs, result, outs, snapshot)
         return result
 
     def begin_batch(self) -> None:
@@ -819,17 +812,6 @@ class Executor:
             if t.untyped_storage()._cdata in snap.storages:
                 self.ledger.refresh(t)
 
-    def _bind_one(self, handle: int, t: torch.Tensor) -> None:
-        """``_bind_outputs`` for an op that made one tensor and resized nothing."""
-        ledger = self.ledger
-        before = ledger.used
-        if handle > 0:
-            self._check_storable(t)
-            self._hold(handle, t)
-        if ledger.used > ledger.limit:
-            self._undo([handle] if handle > 0 else [], None)
-            raise SessionError("OutOfMemoryError", oom_message(ledger.used - before, ledger))
-
     def _bind_outputs(self, info: OpInfo, args: list, kwargs: dict, result: Any, outs: list,
                       snapshot: _Snapshot | None) -> None:
         ledger = self.ledger
@@ -849,7 +831,14 @@ class Executor:
                 ledger.refresh(t)
         stored: list[int] = []
         try:
-            if outs:
+            if len(outs) == 1 and isinstance(result, torch.Tensor) and not info.recount \
+                    and snapshot is None:
+                h = outs[0]  # most ops: one new tensor, nothing resized (the loop, unrolled)
+                if h > 0:
+                    self._check_storable(result)
+                    self._hold(h, result)
+                    stored.append(h)
+            elif outs:
                 # Out handles are ints (checked in run); the flattened result only tensors.
                 flat = [result] if isinstance(result, torch.Tensor) else _flatten(result)
                 if len(flat) != len(outs):

@@ -103,10 +103,7 @@ class Session:
         self.frames_done = 0  # frames run, published to a co-located client (Connection.starved)
         self.host_buffers: HostBuffers | None = None  # with the arena (client.hostpool)
         self.pending: SessionError | None = None
-        self.unpacker = msgpack.Unpacker(
-            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device, self._generator,
-                                        self.ex.resolve_view, self.ex.tensors),
-            raw=False, strict_map_key=False, max_buffer_size=frames.MAX_BODY)
+        self.unpacker = self._new_unpacker()
         self.payload_left = 0
         # frames awaited awake, from the first short wait on
         self._waiter = waiting.Waiter(conn, SPIN_MAX_S, mean_s=SPIN_MAX_S)
@@ -117,11 +114,16 @@ class Session:
         # torch.distributed process groups among the workers of a program's ranks
         self.collectives = Collectives(self.ex, self.device, spec["session_id"][:8])
         # CUDA-graph captures and torch.compile graphs the client defined (server/graphs.py)
-        self.graphs = GraphStore(self.ex, self.device, self._execute, lambda: msgpack.Unpacker(
-            ext_hook=codec.make_ext_hook(self.ex.resolve, self.device, self._generator,
-                                        self.ex.resolve_view, self.ex.tensors),
-            raw=False, strict_map_key=False, max_buffer_size=frames.MAX_BODY),
-            spec["session_id"][:8], self._fail)
+        self.graphs = GraphStore(self.ex, self.device, self._execute, self._new_unpacker,
+                                 spec["session_id"][:8], self._fail)
+
+    def _new_unpacker(self) -> msgpack.Unpacker:
+        """A decoder of commands: handles, views and generators resolve in this session."""
+        ex = self.ex
+        return msgpack.Unpacker(
+            ext_hook=codec.make_ext_hook(ex.resolve, self.device, self._generator,
+                                         ex.resolve_view, ex.tensors),
+            raw=False, strict_map_key=False, max_buffer_size=frames.MAX_BODY)
 
     # handshake ---------------------------------------------------------------
     def welcome(self) -> None:
@@ -272,12 +274,7 @@ class Session:
             if kind == free and len(cmd) == 2:
                 # Not device work: the ops around it stay one turn (a transformer step
                 # frees 85 times between its 170 ops; each cut cost a share-table update).
-                try:
-                    ex.free(cmd[1])
-                except SessionError as exc:
-                    self._fail(exc)
-                except Exception as exc:  # as in _execute: the client's error
-                    self._fail(SessionError(type(exc).__name__, str(exc)))
+                self._execute(cmd)
                 continue
             if throttled:
                 ex.end_batch()
