@@ -59,6 +59,16 @@ PARALLEL_MIN = 1 << 17
 PARALLEL_ENV = "ORION_EMULATED_PARALLEL_MIN"
 MATMUL_PARALLEL_MIN = 1 << 14
 _MATMUL_WORDS = ("mm", "conv", "linear", "matmul", "attention")
+# Ops whose CPU kernels keep one partial result per thread whatever the input's size
+# (LayerNorm's backward sums its weight gradient in one buffer row per thread even for 96
+# rows; batch and group norm, convolution weight gradients, CTC loss likewise): their bits
+# depend on the thread count, so a small one runs on the threads a local process has
+# (Executor.threads), not on one; otherwise the same program gives other bits on an
+# emulated GPU than locally (seen on an AMD EPYC host). A large one is treated as any
+# large op: one thread fewer while the co-located client runs (both threads then cost the
+# CNN step 11 %; see docs/performance.md).
+_PER_THREAD_WORDS = ("norm", "convolution_backward", "ctc_loss", "embedding_dense_backward",
+                     "embedding_bag")
 # Tensors the table may hold: what the codec can describe, strided, on the session's
 # device or the host. Sparse, nested, mkldnn and quantized tensors carry indices or packed
 # data the kernels trust, so they never become inputs of a later op.
@@ -338,6 +348,7 @@ class OpInfo:
     sizer: Callable[[_Args], int | None] | None
     unsafe_flag: bool
     parallel_min: int = PARALLEL_MIN           # elements for a run on all threads (emulated)
+    exact_threads: bool = False                # bits depend on the thread count (_PER_THREAD_WORDS)
     # Derived once here so that running the op looks nothing up (see Executor.run):
     guarded: bool = field(init=False)          # something to check before it runs
     # Written tensors to recount after a run: an in-place op (add_, _foreach_mul_, ...) writes
@@ -375,7 +386,8 @@ def describe_op(op: Any) -> OpInfo:
         sizer=_SIZERS.get(name),
         unsafe_flag=name in UNSAFE_FLAG_OPS,
         parallel_min=MATMUL_PARALLEL_MIN if any(w in name for w in _MATMUL_WORDS)
-        else PARALLEL_MIN)
+        else PARALLEL_MIN,
+        exact_threads=any(w in name for w in _PER_THREAD_WORDS))
 
 
 # -- the ledger ----------------------------------------------------------------------------
@@ -665,8 +677,8 @@ class Executor:
         snapshot = self._snapshot(info, args, kwargs) if info.grows else None
         if info.restrides:
             self.meta_epoch += 1
-        if self.threads > 1:  # all threads for a large op, one for a small one (PARALLEL_MIN)
-            self.use_threads(self.all_threads() if self.is_large(info, args) else 1)
+        if self.threads > 1:
+            self.use_threads(self.threads_for(info, self.is_large(info, args)))
         throttle = self.throttle
         if throttle is not None:
             throttle.before_op()
@@ -713,6 +725,14 @@ class Executor:
         """A batch is cut after BATCH_MAX_S of busy time, so that turns stay short."""
         batch = self._batch
         return batch is not None and self.busy_s - batch[1] >= BATCH_MAX_S
+
+    def threads_for(self, info: OpInfo, large: bool) -> int:
+        """All threads for a large op (one fewer while the client runs: all_threads); for
+        a small one, one thread, or exactly the local count if its bits depend on the
+        count (_PER_THREAD_WORDS)."""
+        if large:
+            return self.all_threads()
+        return self.threads if info.exact_threads else 1
 
     def is_large(self, info: OpInfo, args: list) -> bool:
         scale = self._parallel_scale

@@ -294,7 +294,7 @@ class _OpStep:
         large = self.large
         if large is None:
             large = self.large = ex.is_large(self.info, args)
-        return ex.all_threads() if large else 1
+        return ex.threads_for(self.info, large)
 
     def _remember(self, ex: Executor, args: list) -> None:
         if not self.outs or (self.out_call is None and not self.view):
