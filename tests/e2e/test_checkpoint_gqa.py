@@ -1,6 +1,7 @@
 """torch.utils.checkpoint recomputes dropout with the forward's mask only when PyTorch
 thinks CUDA is initialized (it then saves the CUDA generators); grouped-query attention
-(Llama-style enable_gqa); pin_memory=True and out= factories on a vGPU client."""
+(Llama-style enable_gqa); pin_memory() and pin_memory=True factories (pinned copies, as
+with CUDA) and out= factories on a vGPU client."""
 
 from __future__ import annotations
 
@@ -21,4 +22,7 @@ def test_checkpoint_dropout_gqa_and_host_factories(pool, tmp_path: Path) -> None
     expected_ckpt = [f"RESULT checkpoint reentrant={r} same-grad=True" for r in (True, False)]
     assert local[:2] == expected_ckpt and remote[:2] == expected_ckpt
     assert remote[2:4] == local[2:4] and len(local) == 4
-    assert remote[4:] == ["RESULT pinned-factory cpu (3,)", "RESULT randperm-out [0, 1, 2, 3, 4, 5]"]
+    assert remote[4:] == [
+        "RESULT pinned-factory cpu (3,) True",
+        "RESULT pin-memory True True False True [0.0, 1.0, 2.0, 3.0] [1.0, 2.0, 3.0, 4.0]",
+        "RESULT randperm-out [0, 1, 2, 3, 4, 5]"]

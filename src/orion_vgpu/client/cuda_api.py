@@ -33,6 +33,7 @@ from orion_vgpu.client import (
     hooks,
     lazy_params,
     legacy_types,
+    pinned,
     settings,
     torch_tools,
 )
@@ -106,8 +107,9 @@ class VGPUMode(TorchFunctionMode):
                 return _create(func, args, kwargs, idx)
         if "generator" in kwargs:
             hooks.host_generator(kwargs["generator"], args, kwargs.get("out"))
-        if kwargs.get("pin_memory"):  # no CUDA here to pin with: pageable memory
-            kwargs = {**kwargs, "pin_memory": False}
+        if kwargs.get("pin_memory"):  # no CUDA here to pin with: marked (client.pinned)
+            out = func(*args, **{**kwargs, "pin_memory": False})
+            return pinned.mark(out) if isinstance(out, torch.Tensor) else out
         if type(func) is FunctionType and _redispatch is not None:
             return self._inside(func, types, args, kwargs)
         return func(*args, **kwargs)
@@ -258,12 +260,11 @@ def _tensor_cuda(func: Any, args: tuple, kwargs: dict) -> Any:
 
 
 def _tensor_pin_memory(func: Any, args: tuple, kwargs: dict) -> Any:
-    # Host memory needs no pinning to reach a vGPU; keep the program's data path unchanged.
-    return args[0]
+    return pinned.pin(args[0])
 
 
 def _tensor_is_pinned(func: Any, args: tuple, kwargs: dict) -> Any:
-    return False
+    return pinned.is_pinned(args[0])
 
 
 def _args(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:

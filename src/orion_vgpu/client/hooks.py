@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch._VF  # noqa: F401  (a module object PyTorch puts in sys.modules)
 
+from orion_vgpu.client import pinned
+
 # Factories of the torch namespace with a ``device`` argument (aten schemas with one, plus
 # the Python-data builders); tests/client/test_hooks.py checks the list against the torch
 # the client runs.
@@ -86,14 +88,14 @@ def install(create: Factory, cuda_index: Callable[[Any], int | None],
                 if not depth.n:
                     if "generator" in kwargs:
                         host_generator(kwargs["generator"], args, kwargs.get("out"))
-                    if kwargs.get("pin_memory"):  # no CUDA here to pin with: pageable memory
-                        kwargs["pin_memory"] = False
+                    if kwargs.get("pin_memory"):
+                        return _pinned_host(orig, args, kwargs)
                 return orig(*args, **kwargs)
             idx = cuda_index(dev)
             if idx is None:
                 host_generator(kwargs.get("generator"), args, kwargs.get("out"))
                 if kwargs.get("pin_memory"):
-                    kwargs["pin_memory"] = False
+                    return _pinned_host(orig, args, kwargs)
                 return orig(*args, **kwargs)
             return create(orig, args, kwargs, idx)
         return hook
@@ -143,6 +145,13 @@ def _to_host(data: Any) -> Any:
     if isinstance(data, torch.Tensor) and data.is_cuda:
         return data.cpu()
     return data
+
+
+def _pinned_host(orig: Any, args: tuple, kwargs: dict) -> Any:
+    """A ``pin_memory=True`` factory: no CUDA here to pin with, so pageable memory marked
+    pinned (client.pinned)."""
+    out = orig(*args, **{**kwargs, "pin_memory": False})
+    return pinned.mark(out) if isinstance(out, torch.Tensor) else out
 
 
 def host_generator(gen: Any, args: tuple, out: Any = None) -> None:

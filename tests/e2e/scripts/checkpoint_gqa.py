@@ -39,7 +39,13 @@ for causal in (False, True):
 
 if DEV == "cuda":
     pinned = torch.empty(3, pin_memory=True)
-    print("RESULT pinned-factory", pinned.device.type, tuple(pinned.shape), flush=True)
+    print("RESULT pinned-factory", pinned.device.type, tuple(pinned.shape), pinned.is_pinned(),
+          flush=True)
+    src = torch.arange(4.0)
+    pin = src.pin_memory()
+    pin.add_(1)  # a pinned copy, as with CUDA: the source keeps its values
+    print("RESULT pin-memory", pin.is_pinned(), pin[1:].is_pinned(), src.is_pinned(),
+          pin.pin_memory() is pin, src.tolist(), pin.tolist(), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(5)
     out = torch.empty(6, dtype=torch.long, device="cuda")
     torch.randperm(6, generator=gen, out=out)
