@@ -107,9 +107,8 @@ class VGPUMode(TorchFunctionMode):
                 return _create(func, args, kwargs, idx)
         if "generator" in kwargs:
             hooks.host_generator(kwargs["generator"], args, kwargs.get("out"))
-        if kwargs.get("pin_memory"):  # no CUDA here to pin with: marked (client.pinned)
-            out = func(*args, **{**kwargs, "pin_memory": False})
-            return pinned.mark(out) if isinstance(out, torch.Tensor) else out
+        if kwargs.get("pin_memory"):
+            return hooks.pinned_host(func, args, kwargs)
         if type(func) is FunctionType and _redispatch is not None:
             return self._inside(func, types, args, kwargs)
         return func(*args, **kwargs)

@@ -89,13 +89,13 @@ def install(create: Factory, cuda_index: Callable[[Any], int | None],
                     if "generator" in kwargs:
                         host_generator(kwargs["generator"], args, kwargs.get("out"))
                     if kwargs.get("pin_memory"):
-                        return _pinned_host(orig, args, kwargs)
+                        return pinned_host(orig, args, kwargs)
                 return orig(*args, **kwargs)
             idx = cuda_index(dev)
             if idx is None:
                 host_generator(kwargs.get("generator"), args, kwargs.get("out"))
                 if kwargs.get("pin_memory"):
-                    return _pinned_host(orig, args, kwargs)
+                    return pinned_host(orig, args, kwargs)
                 return orig(*args, **kwargs)
             return create(orig, args, kwargs, idx)
         return hook
@@ -147,7 +147,7 @@ def _to_host(data: Any) -> Any:
     return data
 
 
-def _pinned_host(orig: Any, args: tuple, kwargs: dict) -> Any:
+def pinned_host(orig: Any, args: tuple, kwargs: dict) -> Any:
     """A ``pin_memory=True`` factory: no CUDA here to pin with, so pageable memory marked
     pinned (client.pinned)."""
     out = orig(*args, **{**kwargs, "pin_memory": False})
