@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -36,6 +37,7 @@ class ServerProc:
     vgpu_count: int = 4
     enable_shm: bool = True
     port: int = 0
+    cpus: set[int] | None = None  # run oriond and its workers on these CPUs only
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServerProc:
@@ -58,7 +60,9 @@ class ServerProc:
         with open(self.home / "oriond.out", "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "orion_vgpu.server", "--config", str(conf)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                preexec_fn=None if self.cpus is None else partial(os.sched_setaffinity, 0,
+                                                                  self.cpus))
         self.wait_registered()
         return self
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from e2e.cluster import client_env, run_local, run_script
+from e2e.cluster import ServerProc, client_env, result_lines, run_local, run_script
+from orion_vgpu.protocol import waiting
+from pool import ControllerProc
 
 
 def _client_log(home: Path) -> str:
@@ -108,3 +111,37 @@ def test_a_large_op_goes_out_at_once_when_the_server_is_idle(pool, tmp_path: Pat
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["STARVED", "True", "LIGHT", "0", "HEAVY", "1", "BUSY", "0",
                                    "DONE", "True"], proc.stdout
+
+
+def _split_pool(tmp_path: Path, server_cpus: set[int]) -> tuple[ControllerProc, ServerProc]:
+    ctl = ControllerProc(tmp_path / "controller", {"lease_s": 10})
+    ctl.start()
+    try:
+        srv = ServerProc(ctl, tmp_path / "server", cpus=server_cpus).start()
+    except BaseException:
+        ctl.stop()
+        raise
+    return ctl, srv
+
+
+def test_a_program_on_cores_apart_from_its_server_polls_in_a_crowd(tmp_path: Path) -> None:
+    """The server says where it runs (the welcome's placement); a program on other cores
+    polls for its replies even on a crowded core (protocol.waiting.CROWD_SPIN_S), one on
+    the server's cores sleeps there; both compute what the CPU computes."""
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(cpus) >= 2, "this test needs 2 CPUs: one for the server, one for the program"
+    client = [str(c) for c in cpus[:-1]]
+    local = result_lines(run_local("crowd_wait.py", *client))
+    ctl, srv = _split_pool(tmp_path, {cpus[-1]})
+    try:
+        apart = run_script("crowd_wait.py", client_env(ctl, tmp_path / "a"), *client)
+        shared = run_script("crowd_wait.py", client_env(ctl, tmp_path / "b"), str(cpus[-1]))
+    finally:
+        srv.stop()
+        ctl.stop()
+    assert result_lines(apart) == local == [f"RESULT {1 + 300 * 10:.1f}"]
+    assert result_lines(shared) == local
+    assert f"WAITER {waiting.CROWD_SPIN_S} True" in apart.stdout, apart.stdout
+    assert "WAITER 0.0 True" in shared.stdout, shared.stdout
+    assert "server on other cores" in _client_log(tmp_path / "a")
+    assert "server on these cores" in _client_log(tmp_path / "b")

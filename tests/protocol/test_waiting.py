@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from orion_vgpu.protocol import waiting
@@ -55,3 +56,45 @@ def test_a_thread_queued_for_its_core_stops_polling_and_a_quiet_one_does_not() -
         os.sched_setaffinity(0, before)
         rival.kill()
         rival.wait()
+
+
+def _crowded_waiter(sock: socket.socket) -> waiting.Waiter:
+    w = waiting.Waiter(sock, spin_max_s=0.001)
+    w._crowded, w._next_check = True, float("inf")  # as after a look at a busy run queue
+    return w
+
+
+def test_a_crowded_thread_sleeps_unless_its_peer_is_on_other_cores(monkeypatch) -> None:
+    yields = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
+    a, b = socket.socketpair()
+    with a, b:
+        w = _crowded_waiter(b)
+        w.before(time.perf_counter())  # crowd_spin_s 0: left to recv at once
+        assert w._poll is None
+
+        w.crowd_spin_s = 5.0
+        threading.Timer(0.05, a.sendall, (b"frame",)).start()
+        t0 = time.perf_counter()
+        w.before(t0)  # polls, keeping the core, until the message is readable
+        assert 0.04 < time.perf_counter() - t0 < 4.0
+        assert b.recv(16, socket.MSG_DONTWAIT) == b"frame"
+        assert yields == []
+
+        t0 = time.perf_counter()
+        w.crowd_spin_s = 0.02
+        w.before(t0)  # nothing comes: gives up after crowd_spin_s
+        assert 0.02 <= time.perf_counter() - t0 < 1.0
+
+
+def test_cores_apart_compares_kernel_and_cpus() -> None:
+    own = waiting.placement()
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert own["kernel"] == f.read().strip()
+    assert own["cpus"] == sorted(os.sched_getaffinity(0))
+    assert not waiting.cores_apart(own)
+    assert not waiting.cores_apart(None)  # a server too old to say: as if shared
+    assert not waiting.cores_apart({"cpus": [999]})
+    assert waiting.cores_apart({"kernel": "another-host", "cpus": own["cpus"]})
+    assert waiting.cores_apart({"kernel": own["kernel"], "cpus": [max(own["cpus"]) + 1]})
+    assert not waiting.cores_apart({"kernel": own["kernel"], "cpus": own["cpus"][-1:]})

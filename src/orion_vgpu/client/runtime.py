@@ -130,7 +130,8 @@ class Runtime:
         startup["start"] = time.perf_counter() - t0
         log.info("allocation %s started in %.1f ms (controller %.1f ms, sessions %.1f ms) via %s",
                  alloc["id"], startup["start"] * 1e3, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
-                 ", ".join(f"{c.where} (shm {'yes' if c.arena else 'no'})" for c in self.conns))
+                 ", ".join(f"{c.where} (shm {'yes' if c.arena else 'no'}, server on "
+                           f"{'other' if c.cores_apart else 'these'} cores)" for c in self.conns))
 
     def _open_sessions(self, vgpus: list[dict]) -> list[Connection]:
         """One session per vGPU, in vGPU order; on any failure none stays open."""

@@ -166,6 +166,8 @@ class Connection:
         self.host_pool: HostPool | None = None  # buffers downloads land in (arena sessions)
         self.defined: set[int] = set()
         self.closed = False
+        # the server cannot run on this process's cores (protocol.waiting.cores_apart)
+        self.cores_apart = False
         self.broken: str | None = None  # why the byte stream can no longer be trusted
         self.ooms = 0  # OutOfMemoryErrors the server reported (torch.cuda.memory_stats)
         self._def_at: tuple[int | None, int] = (None, 0)  # the last CMD_DEF: op, offset in buf
@@ -254,6 +256,9 @@ class Connection:
             raise OrionError(f"Orion Server {self.where} refused the session: {reply.get('reason')}")
         if reply.get("kind") != m.WELCOME:
             raise OrionError(f"{self.where} is not an Orion Server (unexpected handshake reply)")
+        self.cores_apart = waiting.cores_apart(reply.get("placement"))
+        if self.cores_apart:
+            self._waiter.crowd_spin_s = waiting.CROWD_SPIN_S
         if own is not None and reply.get("shm"):
             self.arena = own[0]
             # With an `orion shm` file (a container that mounts only that file) the server

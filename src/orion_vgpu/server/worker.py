@@ -137,7 +137,8 @@ class Session:
         body = msgpack.packb({"kind": m.WELCOME, "session_id": self.spec["session_id"],
                               "protocol": PROTOCOL_VERSION, "version": __version__,
                               "torch": torch.__version__, "device": props, "shm": shm_ok,
-                              "peer": self.peer.address if self.peer else None})
+                              "peer": self.peer.address if self.peer else None,
+                              "placement": waiting.placement()})
         frames.send_frame(self.conn, body)
         log.info("session %s allocation %s vgpu %s started on %s (%s), quota %d MiB, shm %s",
                  self.spec["session_id"][:8], self.spec["allocation_id"], self.spec["vgpu_index"],
