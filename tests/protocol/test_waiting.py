@@ -98,3 +98,6 @@ def test_cores_apart_compares_kernel_and_cpus() -> None:
     assert waiting.cores_apart({"kernel": "another-host", "cpus": own["cpus"]})
     assert waiting.cores_apart({"kernel": own["kernel"], "cpus": [max(own["cpus"]) + 1]})
     assert not waiting.cores_apart({"kernel": own["kernel"], "cpus": own["cpus"][-1:]})
+    for bad in ({"kernel": 7, "cpus": [0]}, {"kernel": "k", "cpus": 3},
+                {"kernel": "k", "cpus": []}, {"kernel": "k"}, ["k", [0]]):
+        assert not waiting.cores_apart(bad)  # malformed: as if shared, no exception

@@ -103,12 +103,15 @@ def placement() -> dict:
 def cores_apart(peer: object) -> bool:
     """True when a peer at ``peer`` (its ``placement()``) cannot run on this process's
     cores: another kernel, or CPUs disjoint from ours. False when unknown (an older peer)."""
-    if not isinstance(peer, dict) or not peer.get("kernel"):
+    if not isinstance(peer, dict) or not isinstance(peer.get("kernel"), str):
+        return False
+    cpus = peer.get("cpus")
+    if not isinstance(cpus, list) or not cpus:  # malformed: as if shared, the safe side
         return False
     own = placement()
     if peer["kernel"] != own["kernel"]:
         return True
-    return not set(peer.get("cpus") or ()) & set(own["cpus"])
+    return not {c for c in cpus if isinstance(c, int)} & set(own["cpus"])
 
 
 def _queued_ns() -> int:
