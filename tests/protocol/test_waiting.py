@@ -1,5 +1,6 @@
 """Awake waits (protocol.waiting): a short expected wait polls until the message is there; a
-long one, or one on a thread that has had to queue for a core, leaves the wait to recv."""
+long one, or one on a thread that has had to queue for a core, leaves the wait to recv,
+unless the peer runs on other cores (a short poll that keeps the core)."""
 
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ class Waiter:
 
     def before(self, t0: float) -> None:
         """Called as a wait starts at ``t0`` (time.perf_counter): polls while it expects
-        the message soon and has a core to itself, then returns (recv sleeps for the rest)."""
+        the message soon and has a core to itself, or up to ``crowd_spin_s`` on a crowded
+        one, then returns (recv sleeps for the rest)."""
         mean = self.mean_s
         if self.crowded(t0):
             if self.crowd_spin_s:  # without yielding: a turn given away is a sleep
