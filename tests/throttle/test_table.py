@@ -15,14 +15,13 @@ import pytest
 from orion_vgpu.server import throttle as th
 from orion_vgpu.server.throttle import (
     BACKLOGGED,
-    HEADER_SIZE,
-    SLOT_SIZE,
     SLOTS,
     Peer,
     ShareTable,
     Throttle,
     proc_start_ticks,
     share_of,
+    slot_offset,
 )
 
 
@@ -66,7 +65,7 @@ def test_published_slots_are_read_back_and_torn_ones_skipped(path: Path) -> None
     assert (seen.vtime, seen.state, seen.last_active, seen.stamp, seen.busy, seen.duty,
             seen.anticipate, seen.pid) == (12.5, BACKLOGGED, 3.0, 4.0, 9.0, 0.9, 0.002,
                                            os.getpid())
-    off = HEADER_SIZE + b.slot * SLOT_SIZE
+    off = slot_offset(b.slot)
     seq = int.from_bytes(b.mm[off:off + 4], "little")
     b.mm[off:off + 4] = (seq + 1).to_bytes(4, "little")  # a writer is mid-way
     assert a.peers() == []
