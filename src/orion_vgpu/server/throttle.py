@@ -837,9 +837,9 @@ class Throttle:
             generation = table.generation()
             active = contenders(table.peers(), now)
             contended = contended or bool(active)
-            queued = catch_up(self.vtime, self.share, active, returning)
-            self.dropped_s += (queued - self.vtime) * self.share
-            self.vtime = queued
+            caught_up = catch_up(self.vtime, self.share, active, returning)
+            self.dropped_s += (caught_up - self.vtime) * self.share
+            self.vtime = caught_up
             returning = False  # once: while it waits it is owed what it waits for
             delay = self._delay(active, table.owner(), now)
             self._publish(BACKLOGGED, now)  # we want the device: others see it
