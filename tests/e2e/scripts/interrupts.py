@@ -18,12 +18,19 @@ PID = os.getpid()
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def interrupt_after(*delays: float) -> threading.Thread:
+def interrupter(*delays: float) -> threading.Thread:
+    """A thread that sends SIGINT after each delay, once started. Start it inside the
+    ``try`` that expects the interrupt: with a delay of 1 ms on a loaded host, the signal
+    can come while ``start()`` still waits for the thread to begin."""
     def run() -> None:
         for d in delays:
             time.sleep(d)
             os.kill(PID, signal.SIGINT)
-    t = threading.Thread(target=run, daemon=True)
+    return threading.Thread(target=run, daemon=True)
+
+
+def interrupt_after(*delays: float) -> threading.Thread:
+    t = interrupter(*delays)
     t.start()
     return t
 
@@ -48,8 +55,9 @@ def main() -> None:
     hosts = [torch.randn(n, generator=g) for n in (16, 4096, 200_000, 3_000_000)]
     interrupted = 0
     for _ in range(40):
-        timer = interrupt_after(rng.uniform(0.001, 0.08))
+        timer = interrupter(rng.uniform(0.001, 0.08))
         try:
+            timer.start()
             busy(hosts, rng)
         except KeyboardInterrupt:
             interrupted += 1
